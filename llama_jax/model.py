@@ -1,0 +1,215 @@
+"""The Llama 3 model: a Flax NNX module over stacked layers, and the pure forward it runs.
+
+Axis letters in shapes: B batch, T tokens, S cache slots, D model dim, H query heads,
+K kv heads, G = H // K, Dh head dim, F MLP width, V vocabulary, L layers.
+
+Every weight carries logical axis names (`logical_axes` metadata, and `LOGICAL_AXES` below);
+sharding maps those names to mesh axes in one table (llama_jax/sharding.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .attention import AttentionImpl, attention
+from .config import LlamaConfig
+from .rope import apply_rope, rope_tables
+
+Params = dict[str, Any]
+
+# Logical axes of every parameter (layer weights carry a leading "layers" axis).
+LOGICAL_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "norm": ("norm",),
+    "lm_head": ("embed", "vocab"),
+    "attn_norm": ("layers", "norm"),
+    "wq": ("layers", "embed", "q_heads", "head_dim"),
+    "wk": ("layers", "embed", "kv_heads", "head_dim"),
+    "wv": ("layers", "embed", "kv_heads", "head_dim"),
+    "wo": ("layers", "q_heads", "head_dim", "embed"),
+    "mlp_norm": ("layers", "norm"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+def param_shapes(config: LlamaConfig) -> Params:
+    """Shapes of all parameters, in the nested layout of `Llama.params()`."""
+    c = config
+    d, h, k, dh, f, l = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.n_layers
+    shapes: Params = {
+        "embed": (c.vocab_size, d),
+        "norm": (d,),
+        "layers": {
+            "attn_norm": (l, d),
+            "wq": (l, d, h, dh),
+            "wk": (l, d, k, dh),
+            "wv": (l, d, k, dh),
+            "wo": (l, h, dh, d),
+            "mlp_norm": (l, d),
+            "w_gate": (l, d, f),
+            "w_up": (l, d, f),
+            "w_down": (l, f, d),
+        },
+    }
+    if not c.tie_embeddings:
+        shapes["lm_head"] = (d, c.vocab_size)
+    return shapes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of all layers: (L, B, S, K, Dh) each. Slot j holds position j."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, config: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> "KVCache":
+        shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * weight
+
+
+def _layer(
+    config: LlamaConfig,
+    impl: AttentionImpl,
+    x: jax.Array,
+    p: Params,
+    k_all: jax.Array,
+    v_all: jax.Array,
+    layer: jax.Array,
+    positions: jax.Array,
+    rows: jax.Array,
+    kv_window: int,
+    cos: jax.Array,
+    sin: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One transformer block. Writes this step's keys/values into rows `rows` of the stacked
+    cache (L, B_cache, S, K, Dh) at `layer` and attends over the first `kv_window` slots."""
+    h = rms_norm(x, p["attn_norm"], config.norm_eps)
+    q = apply_rope(jnp.einsum("btd,dnh->btnh", h, p["wq"]), cos, sin)
+    k = apply_rope(jnp.einsum("btd,dkh->btkh", h, p["wk"]), cos, sin)
+    v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
+    # Scatter the new tokens to their slots; positions past the cache (padding) are dropped.
+    k_all = k_all.at[layer, rows[:, None], positions].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[layer, rows[:, None], positions].set(v.astype(v_all.dtype), mode="drop")
+    k_seen = k_all[layer, rows, :kv_window].astype(q.dtype)
+    v_seen = v_all[layer, rows, :kv_window].astype(q.dtype)
+    attn = attention(q, k_seen, v_seen, positions, impl)
+    x = x + jnp.einsum("btnh,nhd->btd", attn, p["wo"])
+    h = rms_norm(x, p["mlp_norm"], config.norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
+    up = jnp.einsum("btd,df->btf", h, p["w_up"])
+    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+    return x, k_all, v_all
+
+
+def forward(
+    params: Params,
+    config: LlamaConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    *,
+    logits_at: jax.Array | None = None,
+    cache_rows: jax.Array | None = None,
+    kv_window: int | None = None,
+    attention_impl: AttentionImpl = "xla",
+) -> tuple[jax.Array, KVCache]:
+    """Run the model on new tokens (B, T) at absolute `positions` (B, T) against `cache`.
+
+    Prefill (T > 1) and decode (T = 1) share this path. Row b of the input uses cache row
+    `cache_rows[b]` (default: row b) and attends over its first `kv_window` slots (default:
+    all; a static int). Returns float32 logits (B, T, V), or (B, V) at the token index
+    `logits_at` (B,) of each row, and the updated cache.
+    """
+    x = jnp.take(params["embed"], tokens, axis=0)  # (B, T, D)
+    cos, sin = rope_tables(config, positions)
+    rows = jnp.arange(tokens.shape[0]) if cache_rows is None else cache_rows
+    window = cache.max_len if kv_window is None else min(kv_window, cache.max_len)
+
+    def step(carry, layer):
+        x, k_all, v_all = carry
+        p, i = layer
+        x, k_all, v_all = _layer(config, attention_impl, x, p, k_all, v_all, i, positions, rows, window, cos, sin)
+        return (x, k_all, v_all), None
+
+    layer_ids = jnp.arange(config.n_layers)
+    (x, k_all, v_all), _ = jax.lax.scan(step, (x, cache.k, cache.v), (params["layers"], layer_ids))
+
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # (B, D)
+    x = rms_norm(x, params["norm"], config.norm_eps)
+    head = params["embed"].T if config.tie_embeddings else params["lm_head"]
+    logits = jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+    return logits, KVCache(k_all, v_all)
+
+
+class Llama(nnx.Module):
+    """Llama 3 with layers stacked on a leading axis (run with `lax.scan`)."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.bfloat16,
+        attention_impl: AttentionImpl = "xla",
+    ):
+        self.config = config
+        self.attention_impl = attention_impl
+        shapes = param_shapes(config)
+
+        def make(name: str, shape: tuple[int, ...]) -> nnx.Param:
+            if name.endswith("norm"):  # norms near 1, randomised so tests see them
+                value = 1.0 + 0.1 * jax.random.normal(rngs.params(), shape, jnp.float32)
+            else:
+                value = jax.random.normal(rngs.params(), shape, jnp.float32) * _fan_in(name, config) ** -0.5
+            return nnx.Param(value.astype(dtype), logical_axes=LOGICAL_AXES[name])
+
+        self.embed = make("embed", shapes["embed"])
+        self.norm = make("norm", shapes["norm"])
+        if "lm_head" in shapes:
+            self.lm_head = make("lm_head", shapes["lm_head"])
+        self.layers = nnx.Dict({name: make(name, shape) for name, shape in shapes["layers"].items()})
+
+    def params(self) -> Params:
+        """The parameters as a plain nested dict of arrays (the input of `forward`)."""
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *, logits_at: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        return forward(
+            self.params(), self.config, tokens, positions, cache, logits_at=logits_at,
+            attention_impl=self.attention_impl,
+        )
+
+
+def _fan_in(name: str, config: LlamaConfig) -> int:
+    if name == "embed":
+        return 1
+    if name == "wo":
+        return config.n_heads * config.head_dim
+    if name == "w_down":
+        return config.ffn_dim
+    return config.dim

@@ -1,0 +1,146 @@
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llama_jax.attention import attention_reference
+from llama_jax.config import LlamaConfig, RopeScaling
+from llama_jax.model import LOGICAL_AXES, KVCache, Llama, forward, param_shapes
+from llama_jax.rope import inv_frequencies
+
+
+def test_rope_scaling_matches_meta_reference():
+    torch = pytest.importorskip("torch")
+    from llama_models.llama3.model import apply_scaling
+
+    base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2)[:64].float() / 128))
+    ours = inv_frequencies(128, 500000.0, RopeScaling())
+    np.testing.assert_allclose(ours, apply_scaling(base).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("factor, theta, head_dim", [(8.0, 500000.0, 128), (32.0, 500000.0, 64), (4.0, 10000.0, 32)])
+def test_rope_scaling_matches_transformers(factor, theta, head_dim):
+    pytest.importorskip("torch")
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    cfg = transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, rope_theta=theta,
+                                   rope_scaling=scaling, max_position_embeddings=131072)
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    ours = inv_frequencies(head_dim, theta, RopeScaling(factor=factor))
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6)
+
+
+def _naive_attention(q, k, v, q_positions):
+    """float64 attention with K/V repeated over each group, for comparison."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    mask = np.arange(k.shape[1])[None, None, None, :] <= np.asarray(q_positions)[:, None, :, None]
+    s = np.where(mask, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", p, v)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4), (6, 1)])
+def test_gqa_attention_reference(heads, kv_heads):
+    rng = np.random.default_rng(0)
+    b, t, s, d = 3, 5, 19, 16
+    q = rng.standard_normal((b, t, heads, d), np.float32)
+    k = rng.standard_normal((b, s, kv_heads, d), np.float32)
+    v = rng.standard_normal((b, s, kv_heads, d), np.float32)
+    offsets = np.array([0, 7, 14])
+    pos = offsets[:, None] + np.arange(t)[None]
+    out = attention_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos, jnp.int32))
+    np.testing.assert_allclose(np.asarray(out), _naive_attention(q, k, v, pos), rtol=2e-5, atol=2e-5)
+
+
+def _tiny(preset="tiny", dtype=jnp.float32):
+    config = LlamaConfig.from_preset(preset)
+    return config, Llama(config, rngs=nnx.Rngs(0), dtype=dtype).params()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mha-tied"])
+def test_cached_decode_equals_full_recompute(preset):
+    config, params = _tiny(preset)
+    rng = np.random.default_rng(1)
+    b, t = 2, 12
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (b, t)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    full, _ = forward(params, config, tokens, positions, KVCache.zeros(config, b, 32, jnp.float32))
+    step = jax.jit(lambda p, tok, pos, c: forward(p, config, tok, pos, c))
+    cache = KVCache.zeros(config, b, 32, jnp.float32)
+    got, cache = step(params, tokens[:, :5], positions[:, :5], cache)
+    pieces = [got]
+    for i in range(5, t):
+        logits, cache = step(params, tokens[:, i : i + 1], positions[:, i : i + 1], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_windows_and_logits_at():
+    """Cache rows, a kv window and last-token logits give the same numbers as the plain call."""
+    config, params = _tiny()
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 9)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
+    full, _ = forward(params, config, tokens, positions, KVCache.zeros(config, 2, 64, jnp.float32))
+    cache = KVCache.zeros(config, 5, 64, jnp.float32)
+    last, cache = forward(params, config, tokens, positions, cache, logits_at=jnp.array([8, 3]),
+                          cache_rows=jnp.array([4, 1]), kv_window=16)
+    np.testing.assert_allclose(last[0], full[0, 8], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(last[1], full[1, 3], rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(cache.k[:, 0]).max()) == 0.0  # untouched rows stay untouched
+    assert float(jnp.abs(cache.k[:, 4, :9]).max()) > 0.0
+
+
+def test_bfloat16_stays_close_to_float32():
+    config, params32 = _tiny()
+    params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params32)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, (1, 16)), jnp.int32)
+    positions = jnp.arange(16, dtype=jnp.int32)[None]
+    l32, _ = forward(params32, config, tokens, positions, KVCache.zeros(config, 1, 16, jnp.float32))
+    l16, _ = forward(params16, config, tokens, positions, KVCache.zeros(config, 1, 16, jnp.bfloat16))
+    assert l16.dtype == jnp.float32
+    err = float(jnp.abs(l16 - l32).max() / jnp.abs(l32).max())
+    assert err < 0.05
+
+
+def test_every_parameter_carries_logical_axes():
+    config = LlamaConfig.from_preset("tiny")
+    model = Llama(config, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    shapes = param_shapes(config)
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
+            for path, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param),
+                                                              is_leaf=lambda x: isinstance(x, nnx.Variable))[0]}
+    assert len(flat) == len(jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
+    for path, var in flat.items():
+        name = path.split("/")[-1]
+        assert var.get_metadata()["logical_axes"] == LOGICAL_AXES[name]
+        assert len(LOGICAL_AXES[name]) == var.value.ndim
+
+
+def _compile_seconds(n_layers: int) -> float:
+    config = LlamaConfig.from_preset("tiny").replace(n_layers=n_layers)
+    abstract = jax.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), dtype=jnp.float32).params())
+    cache = jax.eval_shape(lambda: KVCache.zeros(config, 1, 64, jnp.float32))
+    tok = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    fn = jax.jit(lambda p, t, pos, c: forward(p, config, t, pos, c))
+    start = time.perf_counter()
+    fn.lower(abstract, tok, tok, cache).compile()
+    return time.perf_counter() - start
+
+
+def test_compile_time_does_not_grow_with_depth():
+    """Layers run under a scan: 32 layers compile about as fast as 4."""
+    _compile_seconds(2)  # warm up tracing machinery
+    shallow = min(_compile_seconds(4) for _ in range(2))
+    deep = min(_compile_seconds(32) for _ in range(2))
+    assert deep < 1.5 * shallow, (shallow, deep)
