@@ -1,0 +1,188 @@
+"""Sampling parameters and the per-row sampler that runs inside the jitted decode step.
+
+Every row of a batch carries its own parameters as arrays, so one compiled step serves any mix
+of greedy and sampled requests. A row's random stream depends only on its seed and the
+position being sampled, so a seeded request gives the same tokens in any batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. `temperature=0` is greedy. Defaults follow Meta's instruct settings."""
+
+    max_tokens: int = 256
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF/vLLM style, over prompt and output tokens
+    presence_penalty: float = 0.0  # OpenAI style, over output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self.validate()
+
+    def validate(self) -> None:
+        def check(ok: bool, field: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"{field} {rule}, got {getattr(self, field)!r}")
+
+        check(_is_int(self.max_tokens) and self.max_tokens >= 0, "max_tokens", "must be an integer >= 0")
+        check(_finite(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0")
+        check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables it)")
+        check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        check(_finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        check(_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
+        check(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
+        check(self.seed is None or _is_int(self.seed), "seed", "must be an integer or None")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        check(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
+              f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+
+    @classmethod
+    def greedy(cls, **kw) -> "SamplingParams":
+        return cls(temperature=0.0, top_p=1.0, **kw)
+
+    def replace(self, **kw) -> "SamplingParams":
+        return dataclasses.replace(self, **kw)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplerState:
+    """Per-row sampling parameters and token statistics, (B,) or (B, V) arrays on device."""
+
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    seed: jax.Array  # uint32
+    output_counts: jax.Array  # (B, V) int32: how often each token was generated
+    seen: jax.Array  # (B, V) bool: token appears in the prompt or the output
+
+    @classmethod
+    def empty(cls, batch: int, vocab: int) -> "SamplerState":
+        f = lambda v: jnp.full((batch,), v, jnp.float32)  # noqa: E731
+        return cls(
+            temperature=f(0.0), top_p=f(1.0), top_k=jnp.zeros((batch,), jnp.int32), min_p=f(0.0),
+            repetition_penalty=f(1.0), presence_penalty=f(0.0), frequency_penalty=f(0.0),
+            seed=jnp.zeros((batch,), jnp.uint32),
+            output_counts=jnp.zeros((batch, vocab), jnp.int32), seen=jnp.zeros((batch, vocab), bool),
+        )
+
+
+def row_values(p: SamplingParams, seed: int) -> dict[str, np.ndarray]:
+    """The scalar fields of one row of `SamplerState` for request `p`."""
+    return dict(
+        temperature=np.float32(p.temperature), top_p=np.float32(p.top_p), top_k=np.int32(p.top_k),
+        min_p=np.float32(p.min_p), repetition_penalty=np.float32(p.repetition_penalty),
+        presence_penalty=np.float32(p.presence_penalty), frequency_penalty=np.float32(p.frequency_penalty),
+        seed=np.uint32(seed & 0xFFFFFFFF),
+    )
+
+
+def set_row(state: SamplerState, row: jax.Array, values: dict[str, jax.Array], seen_row: jax.Array) -> SamplerState:
+    """Reset row `row` for a new request; `seen_row` (V,) bool marks the prompt's tokens."""
+    fields = {k: getattr(state, k).at[row].set(v) for k, v in values.items()}
+    return dataclasses.replace(
+        state, **fields,
+        output_counts=state.output_counts.at[row].set(0),
+        seen=state.seen.at[row].set(seen_row),
+    )
+
+
+def record(state: SamplerState, tokens: jax.Array) -> SamplerState:
+    """Count the tokens (B,) just generated."""
+    rows = jnp.arange(tokens.shape[0])
+    return dataclasses.replace(
+        state,
+        output_counts=state.output_counts.at[rows, tokens].add(1),
+        seen=state.seen.at[rows, tokens].set(True),
+    )
+
+
+def _penalise(logits: jax.Array, s: SamplerState) -> jax.Array:
+    rep = s.repetition_penalty[:, None]
+    logits = jnp.where(s.seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    counts = s.output_counts.astype(jnp.float32)
+    return logits - s.frequency_penalty[:, None] * counts - s.presence_penalty[:, None] * (counts > 0)
+
+
+def _truncate(logits: jax.Array, s: SamplerState) -> jax.Array:
+    """Mask tokens outside top-k, the top-p nucleus and the min-p floor (logits already tempered)."""
+    vocab = logits.shape[-1]
+    order = jnp.argsort(-logits, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    in_top_k = rank < jnp.where(s.top_k > 0, s.top_k, vocab)[:, None]
+    # top-k first; top-p and min-p then act on the renormalised top-k distribution.
+    sorted_logits = jnp.where(in_top_k, jnp.take_along_axis(logits, order, axis=-1), -jnp.inf)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token if the mass before it is below top_p (the top token always stays).
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = in_top_k & (before < s.top_p[:, None]) & (probs >= s.min_p[:, None] * probs[:, :1])
+    keep_sorted = keep | (rank == 0)
+    keep_orig = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep_orig, logits, -jnp.inf)
+
+
+def sample(logits: jax.Array, s: SamplerState, positions: jax.Array) -> jax.Array:
+    """Pick one token per row from float32 logits (B, V); `positions` (B,) seeds the random stream."""
+    logits = _penalise(logits, s)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled() -> jax.Array:
+        temp = jnp.maximum(s.temperature, 1e-6)[:, None]
+        truncated = _truncate(logits / temp, s)
+        keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, positions)
+        picks = jax.vmap(jax.random.categorical)(keys, truncated).astype(jnp.int32)
+        return jnp.where(s.temperature > 0, picks, greedy)
+
+    # The sort behind top-p only runs when some row samples.
+    return jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda: greedy)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, top: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities of the model's distribution: chosen tokens (B,) and the `top` best (B, top)."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp, top)
+    return chosen, top_lp, top_ids.astype(jnp.int32)
+
+
+def seeds_for(params: Sequence[SamplingParams], fallback: np.random.Generator) -> list[int]:
+    """A seed per request: its own, else a fresh random one."""
+    return [p.seed if p.seed is not None else int(fallback.integers(0, 2**32)) for p in params]

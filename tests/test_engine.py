@@ -1,0 +1,112 @@
+"""The engine on a tiny random model: cached decode, batching, chunked prefill, compile counts."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llama_jax.config import LlamaConfig
+from llama_jax.engine import Engine
+from llama_jax.model import KVCache, Llama, forward
+from llama_jax.sampling import SamplingParams
+
+GREEDY = SamplingParams.greedy()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = LlamaConfig.from_preset("tiny")
+    return config, Llama(config, rngs=nnx.Rngs(0), dtype=jnp.float32).params()
+
+
+def _engine(tiny, **kw):
+    config, params = tiny
+    kw = {"max_slots": 4, "max_seq_len": 256, "decode_steps": 4, "prefill_buckets": (8, 16), **kw}
+    return Engine(config, params, **kw)
+
+
+def _run(engine, prompts, n, sampling=GREEDY, seeds=None, slots=None):
+    slots = slots or list(range(len(prompts)))
+    out = {}
+    for i, (slot, prompt) in enumerate(zip(slots, prompts)):
+        seed = seeds[i] if seeds else 0
+        out[slot] = [int(engine.prefill(slot, prompt, sampling, seed).tokens[0, 0])]
+    while min(len(v) for v in out.values()) < n:
+        step = engine.decode()
+        for slot in out:
+            out[slot] += step.tokens[:, slot].tolist()
+    for slot in out:
+        engine.release(slot)
+    return [out[s][:n] for s in slots]
+
+
+def _recompute_greedy(tiny, prompt, n):
+    config, params = tiny
+    tokens = list(prompt)
+    for _ in range(n):
+        t = len(tokens)
+        logits, _ = forward(params, config, jnp.asarray([tokens]), jnp.arange(t)[None],
+                            KVCache.zeros(config, 1, t, jnp.float32))
+        tokens.append(int(jnp.argmax(logits[0, -1])))
+    return tokens[len(prompt):]
+
+
+def _prompts(vocab, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def test_engine_equals_full_recompute(tiny):
+    """Bucketed, chunked prefill (21 > largest bucket 16) and cached decode equal a fresh forward per token."""
+    prompts = _prompts(tiny[0].vocab_size, [3, 21, 9])
+    got = _run(_engine(tiny), prompts, 10)
+    for prompt, tokens in zip(prompts, got):
+        assert tokens == _recompute_greedy(tiny, prompt, 10)
+
+
+def test_batched_equals_alone(tiny):
+    prompts = _prompts(tiny[0].vocab_size, [5, 12, 7, 30], seed=1)
+    engine = _engine(tiny)
+    together = _run(engine, prompts, 12)
+    alone = [_run(engine, [p], 12, slots=[2])[0] for p in prompts]
+    assert together == alone
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tiny):
+    sampling = SamplingParams(temperature=1.0, top_p=0.95, top_k=50)
+    prompts = _prompts(tiny[0].vocab_size, [6, 11, 4], seed=2)
+    engine = _engine(tiny)
+    together = _run(engine, prompts, 9, sampling, seeds=[11, 22, 33])
+    alone = _run(engine, [prompts[1]], 9, sampling, seeds=[22], slots=[3])[0]
+    assert together[1] == alone
+    again = _run(engine, [prompts[1]], 9, sampling, seeds=[23], slots=[0])[0]
+    assert again != alone  # another seed, another stream
+
+
+def test_no_recompile_in_steady_state(tiny):
+    engine = _engine(tiny)
+    prompts = _prompts(tiny[0].vocab_size, [5, 12, 6, 7, 13, 14], seed=3)
+    _run(engine, prompts[:2], 8)  # compiles both prefill buckets (8, 16) and the decode step
+    prefill_programs, decode_programs = engine._prefill._cache_size(), engine._decode._cache_size()
+    for p in prompts[2:]:  # new lengths inside the same bucket and window
+        _run(engine, [p], 8)
+    assert engine._prefill._cache_size() == prefill_programs
+    assert engine._decode._cache_size() == decode_programs
+
+
+def test_windows_grow_past_the_first_bucket(tiny):
+    """A sequence crossing the 128-slot window keeps matching the full recompute."""
+    prompt = _prompts(tiny[0].vocab_size, [120], seed=4)[0]
+    got = _run(_engine(tiny, decode_steps=8), [prompt], 24)[0]
+    assert got == _recompute_greedy(tiny, prompt, 24)
+
+
+def test_prefill_validates(tiny):
+    engine = _engine(tiny)
+    with pytest.raises(ValueError, match="prompt length"):
+        engine.prefill(0, [], GREEDY, 0)
+    with pytest.raises(ValueError, match="prompt length"):
+        engine.prefill(0, [1] * 256, GREEDY, 0)
+    engine.prefill(0, [1, 2], GREEDY, 0)
+    with pytest.raises(RuntimeError, match="busy"):
+        engine.prefill(0, [1, 2], GREEDY, 0)
