@@ -216,7 +216,10 @@ class LlamaConfig:
         n_heads = int(get("attention.head_count"))
         vocab = fields.get("llama.vocab_size") or len(fields.get("tokenizer.ggml.tokens") or ())
         scaling = None
-        if fields.get("llama.rope.scaling.type") == "llama3" or fields.get("llama.rope.scaling.factor"):
+        kind = fields.get("llama.rope.scaling.type")
+        if kind not in (None, "none", "llama3"):
+            raise ConfigError(f"llama.rope.scaling.type={kind!r}: only 'llama3' rotary scaling is supported")
+        if kind == "llama3" or (kind is None and fields.get("llama.rope.scaling.factor")):
             scaling = RopeScaling(
                 factor=float(fields.get("llama.rope.scaling.factor", 8.0)),
                 low_freq_factor=float(fields.get("llama.rope.scaling.low_freq_factor", 1.0)),
