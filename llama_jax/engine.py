@@ -88,21 +88,26 @@ class Engine:
                 raise ValueError(f"max_slots ({max_slots}) must be a multiple of the mesh's dp size ({shardings.dp})")
             self.params = params = jax.device_put(params, shardings.params)
             rep, rows = shardings.replicated, shardings.batch()
-            sampler_sh = jax.tree.map(lambda _: rows, jax.eval_shape(lambda: SamplerState.empty(max_slots, config.vocab_size)))
-            state_sh = (shardings.cache, sampler_sh, rows, rows)
+            # Per-slot values split over dp; (slots, vocab) statistics also over the vocabulary, like the logits.
+            sampler_sh = jax.tree.map(
+                lambda a: shardings.sharding(("batch", "vocab")[: a.ndim], a.shape),
+                jax.eval_shape(lambda: SamplerState.empty(max_slots, config.vocab_size)),
+            )
+            cache_sh = shardings.cache_for(dtype)
+            state_sh = (cache_sh, sampler_sh, rows, rows)
             # Built in place on the devices: the full cache never sits on one device.
             self.cache, self.sampler, self.tokens, self.positions = jax.jit(state, out_shardings=state_sh)()
             prefill_sh = dict(
-                in_shardings=(shardings.params, shardings.cache, sampler_sh) + (rep,) * 6,
-                out_shardings=(shardings.cache, sampler_sh, rep),
+                in_shardings=(shardings.params, cache_sh, sampler_sh) + (rep,) * 6,
+                out_shardings=(cache_sh, sampler_sh, rep),
             )
             decode_sh = dict(in_shardings=(shardings.params,) + state_sh, out_shardings=state_sh + (rep,))
-            release_sh = dict(in_shardings=(rows, rep), out_shardings=rows)
+            release_sh = dict(in_shardings=(rows, sampler_sh, rep), out_shardings=(rows, sampler_sh))
         # Host mirror: position of each slot's last token, or None when the slot is free.
         self.slot_pos: list[int | None] = [None] * max_slots
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(9, 10), donate_argnums=(1, 2), **prefill_sh)
         self._decode = jax.jit(self._decode_fn, static_argnums=(5, 6, 7), donate_argnums=(1, 2, 3, 4), **decode_sh)
-        self._release = jax.jit(self._park_fn, donate_argnums=(0,), **release_sh)
+        self._release = jax.jit(self._park_fn, donate_argnums=(0, 1), **release_sh)
 
     # ---- jitted bodies ----
     # Static arguments are positional: jit takes no keyword arguments once in_shardings are given.
@@ -140,8 +145,11 @@ class Engine:
         )
         return cache, sampler, tokens, positions, outs
 
-    def _park_fn(self, positions, slot):
-        return positions.at[slot].set(self._parked)
+    def _park_fn(self, positions, sampler, slot):
+        # A parked slot samples greedily, so it never makes the decode step take the sorting path.
+        return positions.at[slot].set(self._parked), dataclasses.replace(
+            sampler, temperature=sampler.temperature.at[slot].set(0.0)
+        )
 
     # ---- host API ----
     def free_slots(self) -> list[int]:
@@ -205,7 +213,7 @@ class Engine:
 
     def release(self, slot: int) -> None:
         self.slot_pos[slot] = None
-        self.positions = self._release(self.positions, jnp.int32(slot))
+        self.positions, self.sampler = self._release(self.positions, self.sampler, jnp.int32(slot))
 
 
 def record_row(sampler: SamplerState, slot: jax.Array, token: jax.Array) -> SamplerState:

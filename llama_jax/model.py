@@ -10,6 +10,7 @@ sharding maps those names to mesh axes in one table (llama_jax/sharding.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -18,6 +19,7 @@ from flax import nnx
 
 from .attention import AttentionImpl, attention
 from .config import LlamaConfig
+from .quantization import dequantize_kv, quantize_kv
 from .rope import apply_rope, rope_tables
 
 Params = dict[str, Any]
@@ -68,19 +70,35 @@ def param_shapes(config: LlamaConfig) -> Params:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of all layers: (L, B, S, K, Dh) each. Slot j holds position j."""
+    """Keys and values of all layers: (L, B, S, K, Dh) each. Slot j holds position j.
+
+    An int8 cache (`zeros(..., dtype=jnp.int8)`) also holds float32 scales (L, B, S, K), one per
+    token and head: key = k * k_scale[..., None]."""
 
     k: jax.Array
     v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
     @classmethod
     def zeros(cls, config: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> "KVCache":
         shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+        if jnp.dtype(dtype) == jnp.int8:
+            k, v = jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8)
+            return cls(k, v, jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-1], jnp.float32))
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+
+def dense(equation: str, x: jax.Array, w: Any) -> jax.Array:
+    """x times a weight. A weight is an array, or an object with a `dense(equation, x)` method
+    (quantized weights, LoRA-adapted weights) that computes the same product its own way."""
+    if isinstance(w, jax.Array):
+        return jnp.einsum(equation, x, w)
+    return w.dense(equation, x)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -94,33 +112,74 @@ def _layer(
     impl: AttentionImpl,
     x: jax.Array,
     p: Params,
-    k_all: jax.Array,
-    v_all: jax.Array,
+    cache: KVCache | None,
     layer: jax.Array,
     positions: jax.Array,
-    rows: jax.Array,
-    kv_window: int,
+    rows: jax.Array | None,
+    kv_window: int | None,
     cos: jax.Array,
     sin: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One transformer block. Writes this step's keys/values into rows `rows` of the stacked
-    cache (L, B_cache, S, K, Dh) at `layer` and attends over the first `kv_window` slots."""
+) -> tuple[jax.Array, KVCache | None]:
+    """One transformer block. Writes this step's keys/values into rows `rows` (None: row b of the
+    batch is cache row b) of the stacked cache (L, B_cache, S, K, Dh) at `layer` and attends over
+    the first `kv_window` slots. Without a cache (None), it attends over this step's tokens."""
     h = rms_norm(x, p["attn_norm"], config.norm_eps)
-    q = apply_rope(jnp.einsum("btd,dnh->btnh", h, p["wq"]), cos, sin)
-    k = apply_rope(jnp.einsum("btd,dkh->btkh", h, p["wk"]), cos, sin)
-    v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
-    # Scatter the new tokens to their slots; positions past the cache (padding) are dropped.
-    k_all = k_all.at[layer, rows[:, None], positions].set(k.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[layer, rows[:, None], positions].set(v.astype(v_all.dtype), mode="drop")
-    k_seen = k_all[layer, rows, :kv_window].astype(q.dtype)
-    v_seen = v_all[layer, rows, :kv_window].astype(q.dtype)
+    q = apply_rope(dense("btd,dnh->btnh", h, p["wq"]), cos, sin)
+    k = apply_rope(dense("btd,dkh->btkh", h, p["wk"]), cos, sin)
+    v = dense("btd,dkh->btkh", h, p["wv"])
+    if cache is None:  # no cache (training): token t of the row holds position t
+        k_seen, v_seen = k, v
+    else:
+        cache, k_seen, v_seen = _update_cache(cache, k, v, layer, positions, rows, kv_window, q.dtype)
     attn = attention(q, k_seen, v_seen, positions, impl)
-    x = x + jnp.einsum("btnh,nhd->btd", attn, p["wo"])
+    x = x + dense("btnh,nhd->btd", attn, p["wo"])
     h = rms_norm(x, p["mlp_norm"], config.norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
-    up = jnp.einsum("btd,df->btf", h, p["w_up"])
-    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
-    return x, k_all, v_all
+    gate = dense("btd,df->btf", h, p["w_gate"])
+    up = dense("btd,df->btf", h, p["w_up"])
+    x = x + dense("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+    return x, cache
+
+
+def _scatter_rowwise(cache: jax.Array, positions: jax.Array, updates: jax.Array, *, layer: jax.Array) -> jax.Array:
+    """cache[layer, b, positions[b, t]] = updates[b, t] for (L, B, S, ...) `cache`, (B, T) positions
+    and (B, T, ...) updates; positions past the cache are dropped."""
+    trailing = tuple(range(2, updates.ndim))
+    dnums = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=trailing,
+        inserted_window_dims=(0, 2),
+        scatter_dims_to_operand_dims=(0, 2),
+        operand_batching_dims=(1,),
+        scatter_indices_batching_dims=(0,),
+    )
+    index = jnp.stack([jnp.broadcast_to(layer, positions.shape).astype(positions.dtype), positions], axis=-1)
+    return jax.lax.scatter(cache, index, updates, dnums, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+
+
+def _update_cache(
+    cache: KVCache, k: jax.Array, v: jax.Array, layer: jax.Array, positions: jax.Array, rows: jax.Array | None,
+    kv_window: int | None, dtype: Any,
+) -> tuple[KVCache, jax.Array, jax.Array]:
+    """Scatters this step's keys and values to their slots (positions past the cache, padding, are
+    dropped) and reads back the layer's first `kv_window` slots of the rows, in `dtype`."""
+    # One scatter into the stacked cache, updated in place.
+    if rows is None:
+        # Row b is cache row b: the batch is a scatter batching dimension, so the update stays
+        # local when the batch is sharded. (A jax.vmap of `.at[].set` would move the batch axis
+        # first, transposing the whole stacked cache at every layer.)
+        write = functools.partial(_scatter_rowwise, layer=layer)
+        read = lambda c: c[layer, :, :kv_window]  # noqa: E731
+    else:
+        write = lambda c, p, u: c.at[layer, rows[:, None], p].set(u, mode="drop")  # noqa: E731
+        read = lambda c: c[layer, rows, :kv_window]  # noqa: E731
+    if cache.k_scale is None:
+        k_all = write(cache.k, positions, k.astype(cache.k.dtype))
+        v_all = write(cache.v, positions, v.astype(cache.v.dtype))
+        return KVCache(k_all, v_all), read(k_all).astype(dtype), read(v_all).astype(dtype)
+    (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)  # int8 cache: one scale per token and head
+    cache = KVCache(*(write(c, positions, u) for c, u in
+                      ((cache.k, kq), (cache.v, vq), (cache.k_scale, ks), (cache.v_scale, vs))))
+    k_seen = dequantize_kv(read(cache.k), read(cache.k_scale), dtype)
+    return cache, k_seen, dequantize_kv(read(cache.v), read(cache.v_scale), dtype)
 
 
 def forward(
@@ -128,40 +187,47 @@ def forward(
     config: LlamaConfig,
     tokens: jax.Array,
     positions: jax.Array,
-    cache: KVCache,
+    cache: KVCache | None,
     *,
     logits_at: jax.Array | None = None,
     cache_rows: jax.Array | None = None,
     kv_window: int | None = None,
     attention_impl: AttentionImpl = "xla",
-) -> tuple[jax.Array, KVCache]:
+    remat: bool = False,
+) -> tuple[jax.Array, KVCache | None]:
     """Run the model on new tokens (B, T) at absolute `positions` (B, T) against `cache`.
 
     Prefill (T > 1) and decode (T = 1) share this path. Row b of the input uses cache row
     `cache_rows[b]` (default: row b) and attends over its first `kv_window` slots (default:
     all; a static int). Returns float32 logits (B, T, V), or (B, V) at the token index
-    `logits_at` (B,) of each row, and the updated cache.
+    `logits_at` (B,) of each row, and the updated cache. `remat` recomputes each layer's
+    activations in the backward pass instead of storing them (training). Without a cache
+    (None; training), row b attends over its own tokens, token t being at position t, and no
+    cache is returned: a cache in the scanned carry would be saved once per layer by `remat`.
     """
     x = jnp.take(params["embed"], tokens, axis=0)  # (B, T, D)
     cos, sin = rope_tables(config, positions)
-    rows = jnp.arange(tokens.shape[0]) if cache_rows is None else cache_rows
-    window = cache.max_len if kv_window is None else min(kv_window, cache.max_len)
+    rows = cache_rows
+    if rows is None and cache is not None and tokens.shape[0] != cache.k.shape[1]:
+        rows = jnp.arange(tokens.shape[0])
+    window = None if cache is None else cache.max_len if kv_window is None else min(kv_window, cache.max_len)
 
     def step(carry, layer):
-        x, k_all, v_all = carry
+        x, cache = carry
         p, i = layer
-        x, k_all, v_all = _layer(config, attention_impl, x, p, k_all, v_all, i, positions, rows, window, cos, sin)
-        return (x, k_all, v_all), None
+        return _layer(config, attention_impl, x, p, cache, i, positions, rows, window, cos, sin), None
 
+    if remat:
+        step = jax.checkpoint(step)
     layer_ids = jnp.arange(config.n_layers)
-    (x, k_all, v_all), _ = jax.lax.scan(step, (x, cache.k, cache.v), (params["layers"], layer_ids))
+    (x, cache), _ = jax.lax.scan(step, (x, cache), (params["layers"], layer_ids))
 
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # (B, D)
     x = rms_norm(x, params["norm"], config.norm_eps)
     head = params["embed"].T if config.tie_embeddings else params["lm_head"]
     logits = jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
-    return logits, KVCache(k_all, v_all)
+    return logits, cache
 
 
 class Llama(nnx.Module):
