@@ -20,6 +20,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
 
+from .checkpoint import GGUF_TOKENIZER_FILE
+
 if TYPE_CHECKING:
     import tokenizers
 
@@ -404,7 +406,20 @@ class HFTokenizer(Tokenizer):
     def from_gguf(cls, gguf_path: str | Path) -> HFTokenizer:
         """The tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.model` "gpt2")."""
         path = Path(gguf_path)
-        meta = read_gguf_metadata(path, prefix="tokenizer.")
+        return cls.from_gguf_metadata(read_gguf_metadata(path, prefix="tokenizer."), path)
+
+    @classmethod
+    def from_gguf_json(cls, json_path: str | Path) -> HFTokenizer:
+        """The GGUF tokenizer metadata that `convert gguf` saves beside a checkpoint."""
+        path = Path(json_path)
+        doc = _read_json(path)
+        if doc.get("format") != "gguf-tokenizer" or not isinstance(doc.get("metadata"), dict):
+            raise TokenizerError(f"{path}: not a gguf-tokenizer document")
+        return cls.from_gguf_metadata(doc["metadata"], path)
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any], path: Path) -> HFTokenizer:
+        """From GGUF `tokenizer.*` metadata; `path` names the source in errors."""
         model = meta.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise TokenizerError(
@@ -590,7 +605,8 @@ def load_tokenizer(path: str | Path, *, default_llama3: bool = False) -> Tokeniz
     """The tokenizer of a checkpoint.
 
     `path`: a tokenizer.model (tiktoken), a tokenizer.json, a .gguf file, or a directory holding
-    one of them (looked for in that order; a GGUF directory uses its first *.gguf by name).
+    one of them or a converted GGUF checkpoint's gguf_tokenizer.json (looked for in that order;
+    a GGUF directory uses its first *.gguf by name).
     A directory with none of them gives the `llama-models` Llama 3 tokenizer if `default_llama3`,
     else a TokenizerError naming the directory.
     """
@@ -608,6 +624,8 @@ def load_tokenizer(path: str | Path, *, default_llama3: bool = False) -> Tokeniz
         return TiktokenTokenizer(model)
     if (path / "tokenizer.json").is_file():
         return HFTokenizer.from_file(path / "tokenizer.json")
+    if (path / GGUF_TOKENIZER_FILE).is_file():
+        return HFTokenizer.from_gguf_json(path / GGUF_TOKENIZER_FILE)
     ggufs = sorted(path.glob("*.gguf"))
     if ggufs:
         return HFTokenizer.from_gguf(ggufs[0])

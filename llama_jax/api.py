@@ -1,0 +1,344 @@
+"""The Python API: `llm = llama_jax.load(path)`, then `llm.generate`, `llm.chat` and their
+streaming forms. One engine and one scheduler per LLM; the batch calls drive the scheduler
+until their requests are done.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checkpoint, quantization
+from .attention import AttentionImpl
+from .config import LlamaConfig
+from .engine import Engine
+from .model import KVCache, Params, forward
+from .sampling import SamplingParams
+from .scheduler import Event, Request, Scheduler, TokenLogprob
+from .tokenizer import Tokenizer, load_tokenizer
+
+Prompt = str | Sequence[int]
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    logprobs: list[TokenLogprob] | None
+    time_to_first_token: float
+    duration: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass
+class ChatResponse:
+    content: str | None
+    tool_calls: list[dict]
+    finish_reason: str  # "stop" | "length" | "tool_calls"
+    completion: Completion
+
+
+class LLM:
+    """A loaded checkpoint: config, parameters on device, tokenizer, chat format and engine."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        params: Params,
+        tokenizer: Tokenizer | None,
+        *,
+        max_slots: int = 8,
+        max_seq_len: int | None = None,
+        decode_steps: int = 8,
+        attention_impl: AttentionImpl = "xla",
+        shardings: Any = None,
+        path: Path | None = None,
+        cache_dtype: Any = None,
+    ):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.path = path
+        self.attention_impl = attention_impl
+        self.engine = Engine(
+            config, params, max_slots=max_slots, max_seq_len=max_seq_len, decode_steps=decode_steps,
+            attention_impl=attention_impl, shardings=shardings, cache_dtype=cache_dtype,
+        )
+        self.scheduler = Scheduler(self.engine, tokenizer) if tokenizer is not None else None
+        self._chat_format = None
+        self._logits_fn = jax.jit(self._logits_body)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    @property
+    def chat_format(self):
+        if self._chat_format is None:
+            from .chat_format import chat_format_for
+
+            self._chat_format = chat_format_for(self._require_tokenizer())
+        return self._chat_format
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer: pass token ids")
+        return self.tokenizer
+
+    # ---- raw model access (tests, notebooks) ----
+    def _logits_body(self, params: Params, tokens: jax.Array) -> jax.Array:
+        b, t = tokens.shape
+        cache = KVCache.zeros(self.config, b, t, self.params["embed"].dtype)
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        logits, _ = forward(params, self.config, tokens, positions, cache, attention_impl=self.attention_impl)
+        return logits
+
+    def logits(self, tokens: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+        """Full-sequence float32 logits (B, T, V) for token ids (B, T) at positions 0..T-1."""
+        tokens = jnp.asarray(np.asarray(tokens, dtype=np.int32))
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (batch, length), got shape {tokens.shape}")
+        return np.asarray(self._logits_fn(self.params, tokens))
+
+    # ---- prompts ----
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a raw prompt. Text may contain special tokens; BOS is added unless present."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            tok = self._require_tokenizer()
+            ids = tok.encode(prompt, allow_special=True)
+            if tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+                ids = [tok.bos_id] + ids
+            return ids
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        return ids
+
+    def _check_length(self, ids: list[int], sampling: SamplingParams) -> None:
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.max_seq_len} (prompt + output)"
+            )
+
+    # ---- generation ----
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], sampling: SamplingParams | None = None, **overrides: Any
+    ) -> Completion | list[Completion]:
+        """Complete one prompt or a batch; a batch runs together, each sequence stopping on its own."""
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise ValueError("no prompts given")
+        sampling = _sampling(sampling, overrides)
+        ids = [self.encode_prompt(p) for p in batch]
+        for i in ids:
+            self._check_length(i, sampling)
+        results = self._run([(i, sampling) for i in ids])
+        return results[0] if single else results
+
+    def generate_stream(self, prompt: Prompt, sampling: SamplingParams | None = None, **overrides: Any) -> Iterator[Event]:
+        """Yield events (new token ids, their text, finish reason) as the tokens are produced."""
+        sampling = _sampling(sampling, overrides)
+        ids = self.encode_prompt(prompt)
+        self._check_length(ids, sampling)
+        yield from self._stream(ids, sampling)
+
+    def chat(
+        self, messages: list[dict], tools: list[dict] | None = None, sampling: SamplingParams | None = None,
+        **overrides: Any,
+    ) -> ChatResponse:
+        """One assistant turn: content and parsed tool calls in OpenAI form."""
+        from .tool_calls import parse_tool_calls
+
+        sampling = _sampling(sampling, overrides)
+        ids = self.chat_format.encode_dialog(messages, tools)
+        self._check_length(ids, sampling)
+        (completion,) = self._run([(ids, sampling)])
+        content, calls = parse_tool_calls(completion.text, tools) if tools else (completion.text, [])
+        reason = "tool_calls" if calls else completion.finish_reason
+        return ChatResponse(content, calls, reason, completion)
+
+    def chat_stream(
+        self, messages: list[dict], tools: list[dict] | None = None, sampling: SamplingParams | None = None,
+        **overrides: Any,
+    ) -> Iterator[dict]:
+        """Yield OpenAI-style deltas ({"content": …} or {"tool_calls": […]}), then
+        {"finish_reason": …, "usage": {"prompt_tokens": …, "completion_tokens": …}}."""
+        from .tool_calls import StreamingToolParser
+
+        sampling = _sampling(sampling, overrides)
+        ids = self.chat_format.encode_dialog(messages, tools)
+        self._check_length(ids, sampling)
+        parser = StreamingToolParser(tools) if tools else None
+        saw_call = False
+        for event in self._stream(ids, sampling):
+            deltas = (parser.feed(event.text) if parser else [{"content": event.text}]) if event.text else []
+            if event.finish_reason is not None and parser:
+                deltas += parser.finish()
+            for d in deltas:
+                saw_call = saw_call or "tool_calls" in d
+                yield d
+            if event.finish_reason is not None:
+                yield {
+                    "finish_reason": "tool_calls" if saw_call else event.finish_reason,
+                    "usage": {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens},
+                }
+
+    def warmup(self, prompt_tokens: int = 64, progress: bool = True) -> None:
+        """Compile the prefill for prompts of this length and the first decode window, with a bar.
+
+        Later calls reuse the programs (and the persistent cache makes the next start fast)."""
+        from tqdm import tqdm
+
+        n = max(1, min(prompt_tokens, self.max_seq_len - self.engine.decode_steps - 1))
+        slot = self.engine.free_slots()[0]
+        with tqdm(total=2, desc="compiling", unit="program", disable=not progress, leave=False) as bar:
+            self.engine.prefill(slot, [0] * n, SamplingParams.greedy(), 0)
+            bar.update()
+            self.engine.decode()
+            bar.update()
+        self.engine.release(slot)
+
+    # ---- driving the scheduler ----
+    def _run(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[Completion]:
+        sched = self.scheduler
+        if sched is None:
+            raise ValueError("this checkpoint has no tokenizer: it cannot detokenize")
+        start = time.perf_counter()
+        reqs = [sched.add(Request(ids, sp)) for ids, sp in jobs]
+        parts: dict[str, list[Event]] = {r.id: [] for r in reqs}
+        while any(not r.done for r in reqs):
+            for e in sched.step():
+                if e.request_id in parts:
+                    parts[e.request_id].append(e)
+        return [_completion(r, parts[r.id], start) for r in reqs]
+
+    def _stream(self, ids: list[int], sampling: SamplingParams) -> Iterator[Event]:
+        sched = self.scheduler
+        if sched is None:
+            raise ValueError("this checkpoint has no tokenizer: it cannot detokenize")
+        req = sched.add(Request(ids, sampling))
+        try:
+            while not req.done:
+                for e in sched.step():
+                    if e.request_id == req.id:
+                        yield e
+        finally:
+            if not req.done:  # the consumer stopped early: free the slot
+                sched.cancel(req)
+                sched.step()
+
+
+def _sampling(sampling: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+    base = sampling or SamplingParams()
+    return base.replace(**overrides) if overrides else base
+
+
+def _completion(req: Request, events: list[Event], start: float) -> Completion:
+    lps = [lp for e in events for lp in (e.logprobs or [])] if req.sampling.logprobs else None
+    last = events[-1]
+    ttft = (req.first_token_time or last.time) - start
+    return Completion(
+        text="".join(e.text for e in events), token_ids=list(req.output), finish_reason=last.finish_reason or "stop",
+        prompt_tokens=len(req.prompt), logprobs=lps, time_to_first_token=ttft, duration=last.time - start,
+    )
+
+
+def default_dtype() -> str:
+    """bfloat16 on accelerators; float32 on CPU, where XLA upcasts bf16 matmuls anyway."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path:
+    """Persist compiled programs so a second start does not recompile."""
+    from .paths import cache_dir
+
+    path = Path(directory) if directory else cache_dir() / "jax-compilation-cache"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    *,
+    dtype: str | None = None,
+    max_slots: int = 8,
+    max_seq_len: int | None = 4096,
+    decode_steps: int = 8,
+    attention_impl: AttentionImpl = "xla",
+    mesh: Any = None,
+    compilation_cache: bool = True,
+    progress: bool = True,
+    adapters: str | os.PathLike | None = None,
+    merge_adapters: bool = True,
+    quantize: str | None = None,
+    cache_dtype: str | None = None,
+) -> LLM:
+    """Load a checkpoint onto the devices and return an `LLM`.
+
+    `path`: an Orbax checkpoint written by `python -m convert`, or an HF directory, a Meta
+    directory or a GGUF file (converted on first use and cached); None loads the demo model.
+    `max_seq_len` bounds the KV cache (prompt + output) of each slot; None uses the model's.
+    `mesh`: a `jax.sharding.Mesh` or a spec such as "tp=8" or "dp=2,tp=4".
+    `adapters`: a LoRA adapter directory (scripts/finetune.py), merged into the weights, or
+    applied on the fly with `merge_adapters=False`.
+    `quantize`: "int8" or "fp8" quantizes the layer weights while loading, one layer at a time
+    (llama_jax/quantization.py); a checkpoint stored quantized loads quantized without it.
+    `cache_dtype`: the KV cache's dtype (default: `dtype`); "int8" stores one scale per token and
+    head beside int8 keys and values, about half the memory of bfloat16.
+    """
+    from .sources import resolve_checkpoint
+
+    if compilation_cache:
+        enable_compilation_cache()
+    dtype = dtype or default_dtype()
+    if dtype not in checkpoint.DTYPES:
+        raise ValueError(f"dtype must be one of {checkpoint.DTYPES}, got {dtype!r}")
+    if quantize is not None:
+        quantization.check_mode(quantize)
+    if cache_dtype not in (None, "int8", *checkpoint.DTYPES):
+        raise ValueError(f"cache_dtype must be int8 or one of {checkpoint.DTYPES}, got {cache_dtype!r}")
+    ckpt = resolve_checkpoint(path, progress=progress)
+    config = checkpoint.read_config(ckpt)
+    shardings = None
+    if mesh is not None:
+        from .sharding import ModelShardings, make_mesh
+
+        mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+        shardings = ModelShardings(config, mesh)
+    params = checkpoint.restore_params(
+        ckpt, dtype=dtype, shardings=shardings.params if shardings else None, progress=progress, quantize=quantize
+    )
+    if shardings is not None:  # quantized weights are (value, scale) pairs: shard the tree as restored
+        shardings = copy.copy(shardings)
+        shardings.params = quantization.param_shardings(shardings.params, params)
+    if adapters is not None:
+        from . import lora
+
+        params, shardings = lora.attach(params, adapters, config, merge_adapters=merge_adapters, shardings=shardings)
+    tokenizer = load_tokenizer(ckpt)
+    return LLM(
+        config, params, tokenizer, max_slots=max_slots, max_seq_len=max_seq_len, decode_steps=decode_steps,
+        attention_impl=attention_impl, shardings=shardings, path=Path(ckpt), cache_dtype=cache_dtype,
+    )

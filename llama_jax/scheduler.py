@@ -1,0 +1,245 @@
+"""Continuous batching: requests wait in a queue, take a free engine slot between decode calls,
+stream their tokens out as events and give the slot back when they finish.
+
+`step()` is the whole loop body: admit (prefill) → decode → hand out tokens → release.
+The batch API (`LLM.generate`) calls it until its requests are done; the HTTP server calls it
+from its engine thread. Requests may be added or cancelled from other threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from .engine import Engine, StepOutput
+from .sampling import SamplingParams, seeds_for
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+
+class QueueFull(RuntimeError):
+    """The scheduler's queue is at its limit; the caller should retry later."""
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclasses.dataclass
+class Event:
+    """New output of one request: the tokens of one step and the text they completed."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None  # "stop" | "length" | "cancelled" | None while running
+    prompt_tokens: int
+    completion_tokens: int
+    time: float
+
+
+@dataclasses.dataclass
+class Request:
+    prompt: list[int]
+    sampling: SamplingParams
+    on_event: Callable[[Event], None] | None = None
+    id: str = ""
+    # Scheduler-side state.
+    slot: int | None = None
+    output: list[int] = dataclasses.field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+
+
+class _StopText:
+    """Emits text as it is produced, holding back any tail that may begin a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, *, max_queue: int = 256, seed: int = 0):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: dict[int, Request] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._rng = np.random.default_rng(seed)
+        self._by_id: dict[str, Request] = {}  # admitted requests until their last event is out
+        self._text: dict[str, tuple[IncrementalDecoder, _StopText]] = {}
+        self.stop_ids = frozenset(tokenizer.stop_ids)
+
+    # ---- thread-safe entry points ----
+    def add(self, request: Request) -> Request:
+        n = len(request.prompt)
+        limit = self.engine.max_seq_len
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= limit:
+            raise ValueError(f"the prompt has {n} tokens; the context holds {limit} (prompt + output)")
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue holds {self.max_queue} requests already")
+            request.id = request.id or f"req-{next(self._ids)}"
+            self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    # ---- the loop body (engine thread only) ----
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        self._drop_cancelled(events)
+        admitted: list[Event] = []  # already handed out, one request at a time
+        # A step that admitted requests returns their first tokens before decoding, so time to
+        # first token is one prefill, not a prefill plus a decode dispatch.
+        if not self._admit(admitted) and self.running:
+            want_lp = any(r.sampling.logprobs for r in self.running.values())
+            out = self.engine.decode(want_logprobs=want_lp)
+            for slot, req in list(self.running.items()):
+                events.extend(self._consume(req, out, slot))
+        self._dispatch(events)
+        self._forget_done()
+        return events + admitted
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for e in events:
+            req = self._find(e.request_id)
+            if req is not None and req.on_event is not None:
+                req.on_event(e)
+
+    def _find(self, request_id: str) -> Request | None:
+        return self._by_id.get(request_id)
+
+    def _drop_cancelled(self, events: list[Event]) -> None:
+        with self._lock:
+            for req in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(req)
+                self._finish(req, "cancelled", events, [], "", None)
+        for slot, req in list(self.running.items()):
+            if req.cancelled:
+                self._finish(req, "cancelled", events, [], "", None)
+
+    def _admit(self, events: list[Event]) -> bool:
+        """Prefill waiting requests into free slots; whether any was admitted."""
+        free = self.engine.free_slots()
+        admitted = False
+        while free:
+            with self._lock:
+                if not self.waiting:
+                    break
+                req = self.waiting.popleft()
+            admitted = True
+            (seed,) = seeds_for([req.sampling], self._rng)
+            self._by_id[req.id] = req
+            self._text[req.id] = (IncrementalDecoder(self.tokenizer), _StopText(req.sampling.stop))
+            if req.sampling.max_tokens == 0:
+                self._finish(req, "length", events, [], "", None)
+                continue
+            slot = free.pop(0)
+            out = self.engine.prefill(slot, req.prompt, req.sampling, seed)
+            req.slot = slot
+            self.running[slot] = req
+            # Hand the first token out now, not after the other admissions' prefills.
+            first = self._consume(req, out, 0)
+            self._dispatch(first)
+            events.extend(first)
+        return admitted
+
+    def _consume(self, req: Request, out: StepOutput, column: int) -> list[Event]:
+        """Hand out the tokens in column `column` of `out` to `req`, stopping where it finishes."""
+        if req.done:
+            return []
+        decoder, stop_text = self._text[req.id]
+        sp = req.sampling
+        new: list[int] = []
+        lps: list[TokenLogprob] | None = [] if sp.logprobs else None
+        text = ""
+        finish = None
+        for step in range(out.tokens.shape[0]):
+            token = int(out.tokens[step, column])
+            if req.first_token_time is None:
+                req.first_token_time = time.perf_counter()
+            if not sp.ignore_eos and (token in self.stop_ids or token in sp.stop_token_ids):
+                finish = "stop"
+                break
+            new.append(token)
+            req.output.append(token)
+            if lps is not None and out.logprobs is not None:
+                top = [(int(i), float(v)) for i, v in zip(out.top_ids[step, column], out.top_logprobs[step, column])]
+                lps.append(TokenLogprob(token, float(out.logprobs[step, column]), top[: sp.top_logprobs]))
+            piece, hit = stop_text.push(decoder.add(token))
+            text += piece
+            if hit:
+                finish = "stop"
+                break
+            if len(req.output) >= sp.max_tokens or len(req.prompt) + len(req.output) >= self.engine.max_seq_len:
+                finish = "length"
+                break
+        if finish is None:
+            return [self._event(req, new, text, lps, None)]
+        if finish == "length":
+            text += stop_text.push(decoder.flush())[0] + stop_text.flush()
+        events: list[Event] = []
+        self._finish(req, finish, events, new, text, lps)
+        return events
+
+    def _finish(self, req: Request, reason: str, events: list[Event], new: list[int], text: str,
+                lps: list[TokenLogprob] | None) -> None:
+        req.done = True
+        self._by_id[req.id] = req
+        if req.slot is not None:
+            self.running.pop(req.slot, None)
+            self.engine.release(req.slot)
+            req.slot = None
+        events.append(self._event(req, new, text, lps, reason))
+
+    def _event(self, req: Request, new: list[int], text: str, lps, reason: str | None) -> Event:
+        return Event(req.id, new, text, lps, reason, len(req.prompt), len(req.output), time.perf_counter())
+
+    def _forget_done(self) -> None:
+        for rid in [rid for rid, r in self._by_id.items() if r.done]:
+            self._by_id.pop(rid)
+            self._text.pop(rid, None)

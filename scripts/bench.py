@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Decode speed and time to first token: llama-jax against transformers' `generate`, in one run.
+
+    python scripts/bench.py                      # the demo model, float32, batch 1 and 8
+    python scripts/bench.py --batch 1 8 16 --new-tokens 64
+
+Both engines get the same prompts (chat-formatted), generate exactly --new-tokens tokens greedily
+(EOS ignored) and are timed after a warm-up run. The batch-1 rate is also reported against this
+machine's memory-bandwidth ceiling: weight bytes read per token × tokens/s, over the bandwidth of
+a large-array read measured in the same run. Prints a table and writes JSON under benchmarks/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "List three uses of copper.",
+    "Why is the sky blue?",
+    "Give me a name for a friendly robot.",
+    "What does a compiler do?",
+    "Translate 'good morning' into Spanish.",
+]
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of summing a large float32 array (a memory-bound read), best of several runs."""
+    a = np.ones(int(gib * (1 << 30)) // 4, np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best
+
+
+def bench_ours(llm, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
+    from llama_jax import SamplingParams
+
+    sp = SamplingParams.greedy(max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts, sp)  # compile
+    runs = []
+    for _ in range(repeats):
+        out = llm.generate(prompts, sp)
+        assert all(o.completion_tokens == new_tokens for o in out)
+        ttft = max(o.time_to_first_token for o in out)
+        total = max(o.duration for o in out)
+        runs.append((ttft, len(prompts) * (new_tokens - 1) / (total - ttft)))
+    return {"ttft_s": statistics.median(r[0] for r in runs), "decode_tok_s": statistics.median(r[1] for r in runs)}
+
+
+def bench_transformers(model, tokenizer, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=pad)
+        assert out.shape[1] == width + n
+        return time.perf_counter() - t
+
+    run(2)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        ttft = run(1)
+        total = run(new_tokens)
+        runs.append((ttft, len(prompts) * (new_tokens - 1) / (total - ttft)))
+    return {"ttft_s": statistics.median(r[0] for r in runs), "decode_tok_s": statistics.median(r[1] for r in runs)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="llama-jax checkpoint or source (default: the demo model)")
+    p.add_argument("--gguf", help="GGUF file for transformers (default: the demo model's)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "generate_cpu.json")
+    args = p.parse_args()
+
+    import jax
+    import torch
+    import transformers
+
+    import llama_jax
+    from llama_jax.sources import demo_gguf
+
+    torch.set_num_threads(args.threads)
+    llm = llama_jax.load(args.ckpt, dtype="float32", max_slots=max(args.batch), max_seq_len=512, progress=False)
+    gguf = Path(args.gguf) if args.gguf else demo_gguf()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                 dtype=torch.float32).eval()
+    prompts_all = [llm.chat_format.encode_dialog([{"role": "user", "content": t}]) for t in PROMPTS]
+
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.params))
+    bandwidth = read_bandwidth()
+    rows = []
+    for b in args.batch:
+        prompts = [prompts_all[i % len(prompts_all)] for i in range(b)]
+        ours = bench_ours(llm, prompts, args.new_tokens, args.repeats)
+        theirs = bench_transformers(hf_model, hf_tok, prompts, args.new_tokens, args.repeats)
+        row = {"batch": b, "llama_jax": ours, "transformers": theirs,
+               "decode_speedup": ours["decode_tok_s"] / theirs["decode_tok_s"]}
+        if b == 1:
+            row["bandwidth_fraction"] = weight_bytes * ours["decode_tok_s"] / bandwidth
+        rows.append(row)
+
+    print(f"\nmodel {llm.path.name}, float32, {weight_bytes / 1e6:.0f} MB of weights; "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {args.new_tokens} new tokens")
+    print(f"{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ratio':>5} | {'ours TTFT':>9} | {'HF TTFT':>8}")
+    for r in rows:
+        o, t = r["llama_jax"], r["transformers"]
+        print(f"{r['batch']:>5} | {o['decode_tok_s']:>10.1f} | {t['decode_tok_s']:>9.1f} | {r['decode_speedup']:>5.2f} | "
+              f"{o['ttft_s'] * 1000:>7.0f}ms | {t['ttft_s'] * 1000:>6.0f}ms")
+    for r in rows:
+        if "bandwidth_fraction" in r:
+            print(f"batch 1 reads weights at {r['bandwidth_fraction']:.0%} of the measured read bandwidth")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores", "jax": jax.__version__, "torch": torch.__version__,
+        "transformers": transformers.__version__, "model": llm.path.name, "dtype": "float32",
+        "new_tokens": args.new_tokens, "weight_bytes": weight_bytes, "read_bandwidth_bytes_s": bandwidth,
+        "rows": rows,
+    }, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
