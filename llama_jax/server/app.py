@@ -1,0 +1,177 @@
+"""The FastAPI application: routes, the body-size limit, request metrics and error mapping.
+
+`create_app(llm)` gives an ASGI app whose lifespan starts and stops the engine thread. The app
+owns `llm.scheduler` while it runs: do not call `llm.generate` on the same LLM meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import errors
+from .chat import create_chat_completion
+from .completions import create_completion
+from .errors import APIError, send_error
+from .generation import ServerContext
+from .metrics import ServerMetrics
+from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .worker import EngineWorker
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+
+
+def default_model_name(llm: Any) -> str:
+    path = getattr(llm, "path", None)
+    return path.name if path is not None else "llama-jax"
+
+
+def create_app(
+    llm: Any,
+    *,
+    model_name: str | None = None,
+    max_queue: int | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """An OpenAI-compatible app serving `llm` (a `llama_jax.api.LLM` with a tokenizer).
+
+    `max_queue`: requests that may wait for a slot (beyond it: 503); None keeps the scheduler's.
+    `max_body_bytes`: larger request bodies get 413.
+    """
+    if llm.scheduler is None:
+        raise ValueError("the LLM has no tokenizer, so it cannot be served")
+    if max_queue is not None:
+        llm.scheduler.max_queue = max_queue
+    with contextlib.suppress(ValueError):  # built now rather than on the first request; absent: chat gets a 400
+        _ = llm.chat_format
+    metrics = ServerMetrics(llm.scheduler, llm.engine.max_slots)
+    worker = EngineWorker(llm.scheduler, observe=metrics.observe)
+    ctx = ServerContext(llm=llm, worker=worker, metrics=metrics, model_name=model_name or default_model_name(llm),
+                        created=int(time.time()))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="llama-jax", summary="OpenAI-compatible Llama inference", lifespan=lifespan)
+    app.state.ctx = ctx
+    errors.install(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(ctx, body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(ctx, body, request)
+
+    def card() -> ModelCard:
+        return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_seq_len)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> ModelCard:
+        ctx.check_model(model)
+        return card()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not worker.alive:
+            raise APIError(503, "the engine thread is not running", code="engine_down")
+        if worker.last_error is not None:
+            raise APIError(503, "the engine's last step failed", code="engine_error")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    known = {route.path for route in app.routes}  # type: ignore[attr-defined]
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics, known=known)
+    return app
+
+
+class BodyLimit:
+    """Reads the whole request body before the app runs, answering 413 as soon as it is over the
+    limit (by Content-Length or while reading), then replays it to the app."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await send_error(send, APIError(400, "invalid Content-Length header"))
+            if int(length) > self.max_bytes:
+                return await send_error(send, self._too_large())
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await send_error(send, self._too_large())
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: disconnect notices
+
+        await self.app(scope, replay, send)
+
+
+class CountRequests:
+    """Counts HTTP requests by endpoint (route path, or "other") and status code."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, known: set[str]):
+        self.app = app
+        self.metrics = metrics
+        self.known = known
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        path = scope["path"]
+        endpoint = path if path in self.known else "other"
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()

@@ -1,0 +1,207 @@
+"""POST /v1/chat/completions: messages → chat format → engine → content and tool calls, whole
+or streamed as OpenAI chunks.
+
+tool_choice:
+- "none": the tools are neither shown to the model nor parsed out of its output.
+- "auto" (the default with tools): tools are rendered by the chat format; calls in the output
+  are parsed and returned as `tool_calls` with finish_reason "tool_calls".
+- "required": as auto, plus a system instruction to answer with a function call.
+- a named function: only that tool is rendered and parsed, plus a system instruction to call it.
+There is no constrained decoding: if the model answers in prose anyway, the answer comes back
+as content with finish_reason "stop" (or "length").
+parallel_tool_calls=false keeps only the first call the model makes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import Response, StreamingResponse
+
+from ..scheduler import TokenLogprob
+from .errors import APIError, bad_request
+from .generation import (
+    SSE_HEADERS,
+    ClientGone,
+    ServerContext,
+    chat_logprobs,
+    events,
+    sampling_params,
+    sse,
+    sse_error,
+)
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessageOut,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    NamedToolChoice,
+    SystemMessage,
+    ToolCallOut,
+    ToolMessage,
+    Usage,
+    content_text,
+    new_id,
+    now,
+)
+
+log = logging.getLogger(__name__)
+
+REQUIRED_INSTRUCTION = "Answer by calling one or more of the provided functions."
+NAMED_INSTRUCTION = "Answer by calling the function `{name}`."
+
+
+def dialog(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The messages and tools to render, in OpenAI's dict form, after applying tool_choice."""
+    messages: list[dict[str, Any]] = []
+    for m in body.messages:
+        if isinstance(m, SystemMessage):
+            messages.append({"role": "system", "content": content_text(m.content)})
+        elif isinstance(m, AssistantMessage):
+            msg: dict[str, Any] = {"role": "assistant", "content": content_text(m.content) if m.content else None}
+            if m.tool_calls:
+                msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            messages.append(msg)
+        elif isinstance(m, ToolMessage):
+            messages.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": content_text(m.content)})
+        else:
+            messages.append({"role": "user", "content": content_text(m.content)})
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    choice = body.tool_choice
+    if tools is None or choice == "none":
+        return messages, None
+    if choice == "required":
+        messages = _with_instruction(messages, REQUIRED_INSTRUCTION)
+    elif isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        tools = [t for t in tools if t["function"]["name"] == name]
+        messages = _with_instruction(messages, NAMED_INSTRUCTION.format(name=name))
+    return messages, tools
+
+
+def _with_instruction(messages: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
+    if messages and messages[0]["role"] == "system":
+        first = dict(messages[0], content=f"{messages[0]['content']}\n\n{instruction}".lstrip())
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": instruction}, *messages]
+
+
+async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest, request: HTTPRequest) -> Response:
+    from ..tool_calls import StreamingToolParser, parse_tool_calls
+
+    ctx.check_model(body.model)
+    messages, tools = dialog(body)
+    try:
+        chat_format = ctx.llm.chat_format
+    except ValueError as e:
+        raise bad_request(f"this model has no chat format: {e}") from None
+    try:
+        ids = await asyncio.to_thread(chat_format.encode_dialog, messages, tools)
+    except ValueError as e:
+        raise bad_request(str(e), "messages") from None
+    samplings = sampling_params(body, len(ids), ctx.max_seq_len, prompt_param="messages",
+                                logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0)
+    sub = ctx.submit([(ids, sp) for sp in samplings])
+    parallel = body.parallel_tool_calls is not False
+    rid, created = new_id("chatcmpl"), now()
+
+    if not body.stream:
+        n = body.n
+        texts = [""] * n
+        lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        reasons = ["stop"] * n
+        counts = [0] * n
+        try:
+            async for i, ev in events(sub, request):
+                texts[i] += ev.text
+                lps[i] += ev.logprobs or []
+                counts[i] = ev.completion_tokens
+                reasons[i] = ev.finish_reason or reasons[i]
+        except ClientGone:
+            return Response(status_code=499)
+        finally:
+            sub.cancel()
+        choices = []
+        for i in range(n):
+            content: str | None = texts[i]
+            calls: list[dict[str, Any]] = []
+            if tools:
+                content, calls = parse_tool_calls(texts[i], tools)
+                calls = calls if parallel else calls[:1]
+            message = ChatMessageOut(
+                content=(content or None) if calls else (content or ""),
+                tool_calls=[ToolCallOut.model_validate(c) for c in calls] or None,
+            )
+            logprobs = ChoiceLogprobs(content=chat_logprobs(ctx, lps[i])) if body.logprobs else None
+            choices.append(ChatChoice(index=i, message=message, logprobs=logprobs,
+                                      finish_reason="tool_calls" if calls else reasons[i]))
+        usage = Usage(prompt_tokens=len(ids), completion_tokens=sum(counts), total_tokens=len(ids) + sum(counts))
+        out = ChatCompletion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
+        return Response(out.model_dump_json(), media_type="application/json")
+
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        c = ChatCompletionChunk(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
+        return sse(c.model_dump_json(exclude=None if body.include_usage else {"usage"}))
+
+    async def stream() -> AsyncIterator[str]:
+        parsers = [StreamingToolParser(tools) if tools else None for _ in range(body.n)]
+        saw_call = [False] * body.n
+        counts = [0] * body.n
+        try:
+            for i in range(body.n):
+                yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+            async for i, ev in events(sub, request):
+                parser = parsers[i]
+                deltas: list[dict[str, Any]] = []
+                if ev.text:
+                    deltas = parser.feed(ev.text) if parser else [{"content": ev.text}]
+                if ev.finish_reason is not None and parser:
+                    deltas += parser.finish()
+                if not parallel:
+                    deltas = _first_call_only(deltas)
+                logprobs = ChoiceLogprobs(content=chat_logprobs(ctx, ev.logprobs)) if ev.logprobs else None
+                if logprobs and not deltas:
+                    deltas = [{}]
+                for d in deltas:
+                    saw_call[i] = saw_call[i] or bool(d.get("tool_calls"))
+                    yield chunk([ChunkChoice(index=i, delta=Delta.model_validate(d), logprobs=logprobs)])
+                    logprobs = None
+                if ev.finish_reason is not None:
+                    counts[i] = ev.completion_tokens
+                    reason = "tool_calls" if saw_call[i] else ev.finish_reason
+                    yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=reason)])
+            if body.include_usage:
+                total = sum(counts)
+                yield chunk([], Usage(prompt_tokens=len(ids), completion_tokens=total, total_tokens=len(ids) + total))
+            yield "data: [DONE]\n\n"
+        except ClientGone:
+            return
+        except APIError as e:
+            yield sse_error(e)
+        except Exception:
+            log.exception("chat stream failed")
+            yield sse_error(APIError(500, "internal server error", code="internal_error"))
+        finally:
+            sub.cancel()
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _first_call_only(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for d in deltas:
+        if "tool_calls" in d:
+            calls = [c for c in d["tool_calls"] if c.get("index", 0) == 0]
+            if not calls:
+                continue
+            d = dict(d, tool_calls=calls)
+        out.append(d)
+    return out

@@ -1,0 +1,184 @@
+"""POST /v1/completions: raw prompts (text that may hold special tokens, or token ids; one or a
+list), `echo`, legacy `logprobs` (tokens, token_logprobs, top_logprobs, text_offset), streaming.
+
+Choice `j * n + k` is sample k of prompt j. With `echo` and `logprobs`, the prompt's own
+log-probabilities come from one full forward pass on the engine thread (the first token has none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+import numpy as np
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import Response, StreamingResponse
+
+from ..scheduler import TokenLogprob
+from .errors import APIError, bad_request
+from .generation import (
+    MIN_LOGPROB,
+    SSE_HEADERS,
+    ClientGone,
+    ServerContext,
+    events,
+    sampling_params,
+    sse,
+    sse_error,
+)
+from .protocol import Completion, CompletionChoice, CompletionRequest, LegacyLogprobs, Usage, new_id, now
+
+log = logging.getLogger(__name__)
+
+# Echoed prompt log-probabilities need the float32 logits of the whole (padded) prompt at once.
+PROMPT_LOGPROBS_MAX_ELEMENTS = 1 << 26  # 256 MiB
+
+
+def prompt_logprobs(llm: Any, ids: list[int], top: int) -> list[TokenLogprob | None]:
+    """Log-probability of each prompt token given the ones before it (None for the first)."""
+    n = len(ids)
+    padded = max(16, 1 << (n - 1).bit_length())  # power-of-two lengths bound the compilations
+    logits = llm.logits([ids + [0] * (padded - n)])[0, : n - 1].astype(np.float64)
+    m = logits.max(axis=-1, keepdims=True)
+    logp = logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+    out: list[TokenLogprob | None] = [None]
+    for i in range(1, n):
+        row = logp[i - 1]
+        best = np.argsort(-row)[:top] if top else []
+        out.append(TokenLogprob(ids[i], float(row[ids[i]]), [(int(t), float(row[t])) for t in best]))
+    return out
+
+
+class _Legacy:
+    """Accumulates one choice's legacy logprobs object; offsets count characters of the choice's text."""
+
+    def __init__(self, ctx: ServerContext):
+        self.ctx = ctx
+        self.offset = 0
+
+    def build(self, lps: list[TokenLogprob | None], ids: list[int]) -> LegacyLogprobs:
+        out = LegacyLogprobs()
+        for tid, lp in zip(ids, lps):
+            text = self.ctx.token_text(tid)
+            out.tokens.append(text)
+            out.text_offset.append(self.offset)
+            self.offset += len(text)
+            if lp is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            chosen = max(lp.logprob, MIN_LOGPROB)
+            out.token_logprobs.append(chosen)
+            top = {self.ctx.token_text(t): max(v, MIN_LOGPROB) for t, v in lp.top}
+            top.setdefault(text, chosen)
+            out.top_logprobs.append(top)
+        return out
+
+
+def _merge(a: LegacyLogprobs | None, b: LegacyLogprobs) -> LegacyLogprobs:
+    if a is None:
+        return b
+    return LegacyLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                          top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
+
+
+async def create_completion(ctx: ServerContext, body: CompletionRequest, request: HTTPRequest) -> Response:
+    ctx.check_model(body.model)
+    prompts = body.prompts
+    encoded: list[list[int]] = []
+    for p in prompts:
+        try:
+            encoded.append(await asyncio.to_thread(ctx.llm.encode_prompt, p))
+        except ValueError as e:
+            raise bad_request(str(e), "prompt") from None
+    want_lp = body.logprobs is not None
+    top = body.logprobs or 0
+    jobs = [
+        (ids, sp)
+        for ids in encoded
+        for sp in sampling_params(body, len(ids), ctx.max_seq_len, prompt_param="prompt", logprobs=want_lp,
+                                  top_logprobs=top)
+    ]
+    echo_texts = [p if isinstance(p, str) else ctx.tokenizer.decode(ids) for p, ids in zip(prompts, encoded)]
+    echo_lps: list[list[TokenLogprob | None]] = [[None] * len(ids) for ids in encoded]
+    if body.echo and want_lp:
+        vocab = ctx.llm.config.vocab_size
+        for j, ids in enumerate(encoded):
+            if 2 * len(ids) * vocab > PROMPT_LOGPROBS_MAX_ELEMENTS:
+                raise bad_request(f"echo with logprobs is limited to prompts of "
+                                  f"{PROMPT_LOGPROBS_MAX_ELEMENTS // (2 * vocab)} tokens", "echo")
+            echo_lps[j] = await asyncio.wrap_future(ctx.worker.call(lambda ids=ids: prompt_logprobs(ctx.llm, ids, top)))
+    sub = ctx.submit(jobs)
+    n = body.n
+    total = len(jobs)
+    legacy = [_Legacy(ctx) for _ in range(total)]
+
+    def echo(i: int) -> tuple[str, LegacyLogprobs | None]:
+        """The echoed prompt of choice i: its text and, with logprobs, its tokens."""
+        j = i // n
+        text = echo_texts[j] if body.echo else ""
+        lps = legacy[i].build(echo_lps[j], encoded[j]) if body.echo and want_lp else None
+        return text, lps
+
+    rid, created = new_id("cmpl"), now()
+    prompt_tokens = sum(len(ids) for ids in encoded)
+
+    if not body.stream:
+        texts, lps, reasons, counts = [], [], ["stop"] * total, [0] * total
+        for i in range(total):
+            t, lp = echo(i)
+            texts.append(t)
+            lps.append(lp if lp is not None else (LegacyLogprobs() if want_lp else None))
+        try:
+            async for i, ev in events(sub, request):
+                texts[i] += ev.text
+                if want_lp:
+                    lps[i] = _merge(lps[i], legacy[i].build(list(ev.logprobs or []), ev.token_ids))
+                counts[i] = ev.completion_tokens
+                reasons[i] = ev.finish_reason or reasons[i]
+        except ClientGone:
+            return Response(status_code=499)
+        finally:
+            sub.cancel()
+        choices = [CompletionChoice(index=i, text=texts[i], logprobs=lps[i], finish_reason=reasons[i])
+                   for i in range(total)]
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(counts),
+                      total_tokens=prompt_tokens + sum(counts))
+        out = Completion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
+        return Response(out.model_dump_json(), media_type="application/json")
+
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        c = Completion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
+        return sse(c.model_dump_json(exclude=None if body.include_usage else {"usage"}))
+
+    async def stream() -> AsyncIterator[str]:
+        counts = [0] * total
+        try:
+            if body.echo:
+                for i in range(total):
+                    text, lp = echo(i)
+                    yield chunk([CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=None)])
+            async for i, ev in events(sub, request):
+                lp = legacy[i].build(list(ev.logprobs or []), ev.token_ids) if want_lp else None
+                if ev.finish_reason is not None:
+                    counts[i] = ev.completion_tokens
+                elif not ev.text and not ev.token_ids:
+                    continue
+                yield chunk([CompletionChoice(index=i, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason)])
+            if body.include_usage:
+                done = sum(counts)
+                yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=done,
+                                      total_tokens=prompt_tokens + done))
+            yield "data: [DONE]\n\n"
+        except ClientGone:
+            return
+        except APIError as e:
+            yield sse_error(e)
+        except Exception:
+            log.exception("completion stream failed")
+            yield sse_error(APIError(500, "internal server error", code="internal_error"))
+        finally:
+            sub.cancel()
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,156 @@
+"""What the two generation endpoints share: the server context, sampling parameters from a
+request, submitting to the engine thread and reading events back while watching the client."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any, AsyncIterator, Sequence
+
+from starlette.requests import Request as HTTPRequest
+
+from ..sampling import SamplingParams
+from ..scheduler import Event, QueueFull, TokenLogprob
+from ..tokenizer import Tokenizer
+from .errors import APIError, bad_request, error_body
+from .metrics import ServerMetrics
+from .protocol import ChatCompletionRequest, CompletionRequest, TokenLogprobOut, TopLogprob
+from .worker import EngineFailure, EngineWorker, Submission
+
+# How often a request that is waiting on the engine checks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
+# OpenAI reports log-probabilities of impossible tokens as -9999 rather than -inf (not JSON).
+MIN_LOGPROB = -9999.0
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the response was complete."""
+
+
+@dataclasses.dataclass
+class ServerContext:
+    llm: Any  # llama_jax.api.LLM, or an object with the same attributes (tests)
+    worker: EngineWorker
+    metrics: ServerMetrics
+    model_name: str
+    created: int
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.llm.tokenizer
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.llm.max_seq_len
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def submit(self, jobs: Sequence[tuple[list[int], SamplingParams]]) -> Submission:
+        limit = self.worker.scheduler.max_queue
+        if len(jobs) > limit:  # could never be queued, however idle the server
+            raise bad_request(f"the request asks for {len(jobs)} sequences (prompts x n); "
+                              f"this server queues at most {limit}", "n")
+        try:
+            sub = self.worker.submit(jobs, asyncio.get_running_loop())
+        except QueueFull as e:
+            raise APIError(503, f"the server is overloaded ({e}); retry later", code="overloaded") from None
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in jobs))
+        return sub
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def sampling_params(
+    body: ChatCompletionRequest | CompletionRequest, prompt_len: int, max_seq_len: int, *, prompt_param: str,
+    logprobs: bool, top_logprobs: int,
+) -> list[SamplingParams]:
+    """One SamplingParams per choice; choice i of a seeded request uses seed + i."""
+    room = max_seq_len - prompt_len
+    if room <= 0:
+        raise bad_request(
+            f"the prompt has {prompt_len} tokens but the context holds {max_seq_len} tokens (prompt + output)",
+            prompt_param)
+    limit = body.output_limit
+    if limit is None:
+        limit = min(room, body.DEFAULT_MAX_TOKENS or room)
+    elif limit > room:
+        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+        raise bad_request(
+            f"{field} is {limit} but the prompt has {prompt_len} tokens and the context holds {max_seq_len} "
+            f"(prompt + output): at most {room} tokens can be generated", field)
+    try:
+        base = SamplingParams(
+            max_tokens=limit,
+            # OpenAI's defaults, not the instruct models' (0.6 / 0.9): clients expect them.
+            temperature=1.0 if body.temperature is None else float(body.temperature),
+            # top_p=0 (allowed by OpenAI) keeps only the most likely token, as any tiny top_p does.
+            top_p=1.0 if body.top_p is None else max(float(body.top_p), 1e-6),
+            top_k=body.top_k or 0,
+            min_p=float(body.min_p or 0.0),
+            repetition_penalty=float(body.repetition_penalty or 1.0),
+            presence_penalty=float(body.presence_penalty or 0.0),
+            frequency_penalty=float(body.frequency_penalty or 0.0),
+            stop=tuple(body.stop or ()),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+    return [base.replace(seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
+
+
+async def events(sub: Submission, request: HTTPRequest) -> AsyncIterator[tuple[int, Event]]:
+    """(choice index, event) as the engine produces them, until every choice has finished.
+    Raises ClientGone if the client disconnects and a 500 APIError if the engine failed."""
+    remaining = len(sub.requests)
+    next_check = time.monotonic() + DISCONNECT_POLL_S
+    while remaining:
+        if time.monotonic() >= next_check:
+            if await request.is_disconnected():
+                raise ClientGone()
+            next_check = time.monotonic() + DISCONNECT_POLL_S
+        try:
+            item = sub.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            try:
+                item = await asyncio.wait_for(sub.queue.get(), max(next_check - time.monotonic(), 0.001))
+            except TimeoutError:
+                continue
+        index, event = item
+        if isinstance(event, EngineFailure):
+            raise APIError(500, str(event), code="engine_error")
+        if event.finish_reason is not None:
+            remaining -= 1
+        yield index, event
+
+
+def chat_logprobs(ctx: ServerContext, lps: list[TokenLogprob]) -> list[TokenLogprobOut]:
+    def top(tid: int, lp: float) -> TopLogprob:
+        return TopLogprob(token=ctx.token_text(tid), logprob=max(lp, MIN_LOGPROB),
+                          bytes=list(ctx.tokenizer.token_bytes(tid)))
+
+    return [
+        TokenLogprobOut(**top(lp.token_id, lp.logprob).model_dump(), top_logprobs=[top(t, v) for t, v in lp.top])
+        for lp in lps
+    ]
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(data: str) -> str:
+    """One server-sent event, framed as OpenAI frames them."""
+    return f"data: {data}\n\n"
+
+
+def sse_error(err: APIError) -> str:
+    """An error after the stream has started (the status is sent already): OpenAI's error object as an event."""
+    return sse(error_body(err).decode())

@@ -1,0 +1,496 @@
+"""Pydantic models of the OpenAI API subset the server speaks: requests in, responses out.
+
+Requests are strict at the border: every field OpenAI documents for the endpoint is accepted
+(see UNSUPPORTED below for the ones that are accepted only at a neutral value), a few vLLM-style
+sampling extensions are accepted (top_k, min_p, repetition_penalty, ignore_eos), and anything
+else is a 400 naming the field. Numbers, booleans and strings are not coerced from other types.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from ..sampling import MAX_TOP_LOGPROBS
+
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_N = 128  # OpenAI's limit on choices per request
+MAX_LEGACY_LOGPROBS = 5  # OpenAI's limit for /v1/completions
+
+
+def _no_surrogates(value: Any) -> Any:
+    """Reject lone UTF-16 surrogates ("\\ud800" escapes are valid JSON but not text)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("strings must be valid Unicode (lone surrogate escape found)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _no_surrogates(k)
+            _no_surrogates(v)
+    elif isinstance(value, list):
+        for v in value:
+            _no_surrogates(v)
+    return value
+
+
+Number = StrictFloat | StrictInt
+Text = StrictStr
+FunctionName = Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- chat messages ----
+
+
+class TextPart(_Input):
+    type: Literal["text"]
+    text: Text
+
+
+Content = Text | list[TextPart]
+
+
+def content_text(content: Content | None) -> str:
+    """Plain text of a message's content; text parts join with newlines."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(p.text for p in content)
+
+
+class FunctionCallIn(_Input):
+    name: FunctionName
+    arguments: Text  # a JSON-encoded object, as OpenAI sends it
+
+
+class ToolCallIn(_Input):
+    id: Text
+    type: Literal["function"]
+    function: FunctionCallIn
+
+
+class SystemMessage(_Input):
+    role: Literal["system", "developer"]
+    content: Content
+    name: Text | None = None
+
+
+class UserMessage(_Input):
+    role: Literal["user"]
+    content: Content
+    name: Text | None = None
+
+
+class AssistantMessage(_Input):
+    role: Literal["assistant"]
+    content: Content | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    name: Text | None = None
+    # Present (null) when a client sends back a message it received: accepted, not used.
+    refusal: Text | None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
+
+    @model_validator(mode="after")
+    def _has_output(self) -> "AssistantMessage":
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        return self
+
+
+class ToolMessage(_Input):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: Text
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+
+
+# ---- tools ----
+
+
+class FunctionDef(_Input):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _json_schema_object(cls, p: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The checks OpenAI makes on a function's parameters: a JSON Schema of an object."""
+        if p is None:
+            return p
+        if p.get("type", "object") != "object":
+            raise ValueError("parameters must be a JSON Schema with type 'object'")
+        props = p.get("properties", {})
+        if not isinstance(props, dict) or not all(isinstance(v, dict) for v in props.values()):
+            raise ValueError("parameters.properties must map each property name to a schema object")
+        required = p.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise ValueError("parameters.required must be a list of property names")
+        missing = [r for r in required if "properties" in p and r not in props]
+        if missing:
+            raise ValueError(f"parameters.required names {missing[0]!r}, which is not in properties")
+        return p
+
+
+class ToolDef(_Input):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Input):
+    name: FunctionName
+
+
+class NamedToolChoice(_Input):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StreamOptions(_Input):
+    include_usage: StrictBool | None = None
+    include_obfuscation: StrictBool | None = None  # accepted; chunks are never padded
+
+
+class ResponseFormat(_Input):
+    type: Literal["text"]  # json_object / json_schema would need constrained decoding
+
+
+# Fields OpenAI documents that this server accepts only when absent, null or empty; any other
+# value is a 400 saying it is not supported.
+UNSUPPORTED = ("logit_bias", "functions", "function_call", "audio", "web_search_options", "suffix")
+
+
+class _SamplingFields(_Input):
+    """Sampling fields shared by both endpoints."""
+
+    model: Text
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    stop: Text | list[Text] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(ge=0, le=1)] | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, Number] | None = None
+    user: Text | None = None
+    # vLLM-compatible extensions (the openai client sends them through `extra_body`).
+    top_k: Annotated[StrictInt, Field(ge=0)] | None = None
+    min_p: Annotated[Number, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0)] | None = None
+    ignore_eos: StrictBool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        return _no_surrogates(data)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stops
+
+    @field_validator(*UNSUPPORTED, check_fields=False)
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, {}, []):
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = None  # up to the context, as OpenAI's chat
+
+    messages: Annotated[list[Message], Field(min_length=1)]
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+    modalities: list[Literal["text"]] | None = None
+    # Accepted and without effect here: storage, routing, latency and reasoning hints.
+    store: StrictBool | None = None
+    prediction: dict[str, Any] | None = None
+    metadata: dict[str, Text] | None = None
+    service_tier: Text | None = None
+    reasoning_effort: Text | None = None
+    verbosity: Text | None = None
+    prompt_cache_key: Text | None = None
+    safety_identifier: Text | None = None
+    # Documented but unsupported (see UNSUPPORTED): only absent, null or empty passes.
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    web_search_options: Any = None
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, tools: list[ToolDef] | None) -> list[ToolDef] | None:
+        names = [t.function.name for t in tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("function names must be unique")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_in_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        names = [t.function.name for t in info.data.get("tools") or []]
+        if choice not in (None, "none", "auto") and not names:
+            raise ValueError(f"tool_choice {choice if isinstance(choice, str) else 'function'!r} requires tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"function {choice.function.name!r} is not in tools")
+        return choice
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return top
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+Prompt = Text | list[StrictInt] | list[Text] | list[list[StrictInt]]
+
+
+class CompletionRequest(_SamplingFields):
+    DEFAULT_MAX_TOKENS: ClassVar[int] = 16  # OpenAI's default for /v1/completions
+
+    prompt: Prompt
+    echo: StrictBool = False
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LEGACY_LOGPROBS)] | None = None
+    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None
+    suffix: Any = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and (not prompt or any(p in ("", []) for p in prompt)):
+            raise ValueError("prompt must not be empty")
+        return prompt
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        if best_of is not None and best_of != info.data.get("n"):
+            raise ValueError("best_of other than n is not supported")
+        return best_of
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: a string, a token-id list, or a list of either."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+
+# ---- responses ----
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
+    refusal: None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class _Sparse(BaseModel):
+    """A model whose unset (None) fields are left out of the JSON, as in OpenAI's deltas."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunction(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Sparse):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction | None = None
+
+
+class Delta(_Sparse):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class LegacyLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: LegacyLogprobs | None = None
+    finish_reason: str | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llama-jax"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
