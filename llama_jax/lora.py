@@ -1,0 +1,294 @@
+"""LoRA adapters: low-rank updates W + (alpha / r) · A·B of the frozen projection weights.
+
+The adapters of a model are a plain nested dict, trained and saved on their own:
+
+    {"wq": {"a": (L, D, r), "b": (L, r, H, Dh)}, "wo": {"a": (L, H, Dh, r), "b": (L, r, D)}, ...}
+
+`a` spans the weight's input axes, `b` its output axes, both with the leading layer axis so
+`lax.scan` slices them with the layer's other weights. `b` starts at zero: a fresh adapter
+leaves the model unchanged.
+
+Two ways to run them:
+- `apply` wraps each targeted weight in a `LoraWeight`, whose `dense` computes
+  x·W + scale·(x·A)·B. W may be any weight `model.dense` accepts (an array, a quantized
+  weight), so adapters compose with other weight kinds. Training uses this form.
+- `merge` folds scale·A·B into array weights: inference then costs nothing extra.
+
+On disk (`save` / `load`), an adapter directory holds:
+
+    adapter_config.json   {"format": "llama-jax-lora", "version": 1, "rank", "alpha",
+                           "targets": ["q", "v", ...], "model": {n_layers, dim, n_heads, ...}}
+    weights/              Orbax checkpoint of the adapter dict (float32)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import math
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import LlamaConfig
+from .model import Params, dense, param_shapes
+
+Adapters = dict[str, dict[str, jax.Array]]
+
+FORMAT = "llama-jax-lora"
+VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_DIR = "weights"
+
+# Target name -> (layer weight, number of its input axes after the layer axis). The model's
+# weights put their input axes first: wq (D, H, Dh), wo (H, Dh, D), w_down (F, D), ...
+TARGETS: dict[str, tuple[str, int]] = {
+    "q": ("wq", 1),
+    "k": ("wk", 1),
+    "v": ("wv", 1),
+    "o": ("wo", 2),
+    "gate": ("w_gate", 1),
+    "up": ("w_up", 1),
+    "down": ("w_down", 1),
+}
+# The model dimensions an adapter's shapes depend on; stored with it and checked on load.
+_MODEL_FIELDS = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be read or does not fit the model; names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(
+                f"LoRA targets must be a non-empty subset of {', '.join(TARGETS)}, got {list(self.targets)}"
+            )
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"LoRA targets repeat a name: {list(self.targets)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def adapter_shapes(config: LlamaConfig, lora: LoraConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    shapes = param_shapes(config)["layers"]
+    out = {}
+    for t in lora.targets:
+        name, n_in = TARGETS[t]
+        layers, *dims = shapes[name]
+        out[name] = {"a": (layers, *dims[:n_in], lora.rank), "b": (layers, lora.rank, *dims[n_in:])}
+    return out
+
+
+def init(config: LlamaConfig, lora: LoraConfig, key: jax.Array) -> Adapters:
+    """Fresh float32 adapters: A ~ N(0, 1/fan_in), B = 0."""
+    shapes = adapter_shapes(config, lora)
+    return _draw(tuple((name, s["a"], s["b"]) for name, s in shapes.items()), key)
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one program, not one per random draw
+def _draw(shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...], key: jax.Array) -> Adapters:
+    keys = jax.random.split(key, len(shapes))
+    return {
+        name: {"a": jax.random.normal(k, a, jnp.float32) * math.prod(a[1:-1]) ** -0.5, "b": jnp.zeros(b, jnp.float32)}
+        for k, (name, a, b) in zip(keys, shapes)
+    }
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoraWeight:
+    """A weight with a low-rank update: x·base + scale·(x·a)·b, without forming the sum.
+
+    Leaves may carry a leading layer axis (scan slices it off before `dense` is called)."""
+
+    base: Any
+    a: jax.Array  # (*in_axes, r)
+    b: jax.Array  # (r, *out_axes)
+    scale: float = dataclasses.field(metadata=dict(static=True))
+
+    def dense(self, equation: str, x: jax.Array) -> jax.Array:
+        y = dense(equation, x, self.base)
+        inputs, out = equation.split("->")
+        xs, ws = inputs.split(",")
+        contracted = "".join(c for c in ws if c in xs)
+        produced = "".join(c for c in ws if c not in xs)
+        kept = "".join(c for c in xs if c not in ws)
+        r = next(c for c in "rzyxwvuqponmlkjigfedcba" if c not in equation)
+        xa = jnp.einsum(f"{xs},{contracted}{r}->{kept}{r}", x, self.a.astype(x.dtype))
+        update = jnp.einsum(f"{kept}{r},{r}{produced}->{out}", xa, self.b.astype(x.dtype))
+        return y + (self.scale * update).astype(y.dtype)
+
+
+def apply(params: Params, adapters: Adapters, lora: LoraConfig) -> Params:
+    """Params whose adapted weights are `LoraWeight`s: the update is computed on the fly."""
+    layers = dict(params["layers"])
+    for name, ab in adapters.items():
+        layers[name] = LoraWeight(layers[name], ab["a"], ab["b"], lora.scale)
+    return {**params, "layers": layers}
+
+
+def delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """scale·A·B as a dense (L, *in_axes, *out_axes) float32 array."""
+    layers, rank = a.shape[0], a.shape[-1]
+    in_shape, out_shape = a.shape[1:-1], b.shape[2:]
+    a2 = a.reshape(layers, -1, rank).astype(jnp.float32)
+    b2 = b.reshape(layers, rank, -1).astype(jnp.float32)
+    return (scale * (a2 @ b2)).reshape(layers, *in_shape, *out_shape)
+
+
+def merge(params: Params, adapters: Adapters, lora: LoraConfig, *, donate: bool = False) -> Params:
+    """Params with the adapters folded into the weights (same dtypes and shardings). `donate`
+    lets each new weight reuse the old one's memory (the old arrays become unusable).
+
+    A weight that is not an array (e.g. a quantized one) cannot take the sum without being
+    requantized; it keeps its adapter as a `LoraWeight`, applied on the fly."""
+    layers = dict(params["layers"])
+    for name, ab in adapters.items():
+        w = layers[name]
+        if not isinstance(w, jax.Array):
+            layers[name] = LoraWeight(w, ab["a"], ab["b"], lora.scale)
+            continue
+        # One weight per program: the float32 update of one weight is the only temporary.
+        fold = jax.jit(lambda w, a, b: (w.astype(jnp.float32) + delta(a, b, lora.scale)).astype(w.dtype),
+                       out_shardings=w.sharding, donate_argnums=(0,) if donate else ())
+        layers[name] = fold(w, ab["a"], ab["b"])
+    return {**params, "layers": layers}
+
+
+def param_shardings(shardings: Params, adapters: Adapters, lora: LoraConfig, replicated: Any) -> Params:
+    """The sharding tree of `apply(params, adapters, ...)`, given that of `params`: each
+    `LoraWeight` keeps its base's sharding; `a` and `b` (small) are replicated."""
+    layers = dict(shardings["layers"])
+    for name in adapters:
+        layers[name] = LoraWeight(layers[name], replicated, replicated, lora.scale)
+    return {**shardings, "layers": layers}
+
+
+# ---------------------------------------------------------------- saving and loading
+
+
+def save(directory: str | os.PathLike, adapters: Adapters, lora: LoraConfig, config: LlamaConfig,
+         overwrite: bool = True) -> Path:
+    """Write adapter_config.json and weights/ into `directory` (created if needed; other files
+    there are left alone). The config is removed first and written last, so a directory with
+    one always has complete weights."""
+    import orbax.checkpoint as ocp
+
+    dst = Path(directory).absolute()
+    if (dst / CONFIG_FILE).exists() and not overwrite:
+        raise AdapterError(f"{dst}: already holds an adapter")
+    expected = adapter_shapes(config, lora)
+    got = {n: {k: tuple(v.shape) for k, v in ab.items()} for n, ab in adapters.items()}
+    if got != expected:
+        raise AdapterError(f"adapter shapes {got} do not match the LoRA config {lora} of this model ({expected})")
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = dst / f".{WEIGHTS_DIR}.tmp-{secrets.token_hex(4)}"
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(tmp, jax.tree.map(lambda x: np.asarray(x, np.float32), adapters))
+            ckpt.wait_until_finished()
+        (dst / CONFIG_FILE).unlink(missing_ok=True)
+        shutil.rmtree(dst / WEIGHTS_DIR, ignore_errors=True)
+        tmp.rename(dst / WEIGHTS_DIR)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    meta = {"format": FORMAT, "version": VERSION, "rank": lora.rank, "alpha": lora.alpha,
+            "targets": list(lora.targets), "model": {f: getattr(config, f) for f in _MODEL_FIELDS}}
+    (dst / f".{CONFIG_FILE}.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    (dst / f".{CONFIG_FILE}.tmp").replace(dst / CONFIG_FILE)
+    return dst
+
+
+def read_config(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, int]]:
+    """The LoRA config of an adapter directory and the model dimensions it was trained for."""
+    file = Path(directory) / CONFIG_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{file}: missing; {directory} is not a llama-jax adapter directory") from None
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{file}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdapterError(f"{file}: not a llama-jax LoRA adapter description")
+    if meta.get("version") != VERSION:
+        raise AdapterError(f"{file}: format version {meta.get('version')!r} is not supported (expected {VERSION})")
+    try:
+        lora = LoraConfig(rank=meta["rank"], alpha=meta["alpha"], targets=tuple(meta["targets"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{file}: {type(e).__name__}: {e}") from None
+    model = meta.get("model")
+    if not isinstance(model, dict):
+        raise AdapterError(f"{file}: missing the model dimensions")
+    return lora, model
+
+
+def load(directory: str | os.PathLike, config: LlamaConfig, sharding: Any = None) -> tuple[Adapters, LoraConfig]:
+    """Read an adapter directory for a model of `config`; arrays go to `sharding` (default:
+    the first device). Raises AdapterError when it was trained for another model shape."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    lora, model = read_config(directory)
+    mismatch = [f"{f}={model.get(f)!r} (model: {getattr(config, f)})" for f in _MODEL_FIELDS
+                if model.get(f) != getattr(config, f)]
+    if mismatch:
+        raise AdapterError(f"{directory / CONFIG_FILE}: trained for another model: {', '.join(mismatch)}")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = adapter_shapes(config, lora)
+    abstract = {n: {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding) for k, s in ab.items()}
+                for n, ab in shapes.items()}
+    weights = directory / WEIGHTS_DIR
+    if not weights.is_dir():
+        raise AdapterError(f"{weights}: missing")
+    with ocp.StandardCheckpointer() as ckpt:
+        try:
+            stored = ckpt.metadata(weights).item_metadata.tree
+            got = {n: {k: tuple(m.shape) for k, m in ab.items()} for n, ab in stored.items()}
+        except Exception as e:  # Orbax raises assorted types for damaged metadata
+            raise AdapterError(f"{weights}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from None
+        if got != shapes:
+            raise AdapterError(f"{weights}: tensors {got} do not match {directory / CONFIG_FILE} ({shapes})")
+        try:
+            adapters = ckpt.restore(weights, abstract)
+        except Exception as e:  # truncated or corrupted data files
+            raise AdapterError(f"{weights}: cannot read tensor data ({type(e).__name__}: {e})") from None
+    return adapters, lora
+
+
+def attach(params: Params, directory: str | os.PathLike, config: LlamaConfig, *, merge_adapters: bool = True,
+           shardings: Any = None) -> tuple[Params, Any]:
+    """`params` with the adapters of `directory` merged in (default) or applied on the fly, and
+    the `ModelShardings` to run them with: unchanged when merged, else a copy whose parameter
+    tree matches the `LoraWeight`s (adapters replicated)."""
+    rep = shardings.replicated if shardings is not None else None
+    adapters, lora = load(directory, config, sharding=rep)
+    if merge_adapters:
+        return merge(params, adapters, lora, donate=True), shardings
+    params = apply(params, adapters, lora)
+    if shardings is not None:
+        shardings = copy.copy(shardings)
+        shardings.params = param_shardings(shardings.params, adapters, lora, rep)
+    return params, shardings

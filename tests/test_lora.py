@@ -1,0 +1,426 @@
+"""LoRA adapters and fine-tuning: gradients, learning, exact resumption, data checks, serving.
+
+Most tests use a tiny random checkpoint with a byte-level ChatML tokenizer (built here); the
+slow ones train the demo model (SmolLM2-135M-Instruct) on a made-up fact.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import lora
+from llama_jax.config import LlamaConfig
+from llama_jax.model import forward, param_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY = LlamaConfig(vocab_size=258, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=512,
+                   rope_theta=10_000.0)
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+finetune = _load_script("finetune")
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _logits(params: dict, config: LlamaConfig, tokens: jax.Array) -> jax.Array:
+    """Logits (B, T, V) of tokens at positions 0..T-1, no cache."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return forward(params, config, tokens, positions, None)[0]
+
+
+def _random_params(config: LlamaConfig, seed: int = 0) -> dict:
+    """Random float32 weights (numpy draws: eager jax.random would compile once per shape)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(name: str, shape: tuple[int, ...]) -> jax.Array:
+        if name.endswith("norm"):
+            return jnp.asarray(1 + 0.1 * rng.standard_normal(shape), jnp.float32)
+        fan_in = {"embed": 1, "lm_head": shape[0], "wo": math.prod(shape[1:-1])}.get(name, shape[1])
+        return jnp.asarray(rng.standard_normal(shape) * fan_in**-0.5, jnp.float32)
+
+    shapes = param_shapes(config)
+    return {**{k: draw(k, s) for k, s in shapes.items() if k != "layers"},
+            "layers": {k: draw(k, s) for k, s in shapes["layers"].items()}}
+
+
+def _random_adapters(config: LlamaConfig, cfg: lora.LoraConfig, seed: int = 1) -> lora.Adapters:
+    """Adapters with B nonzero too (a fresh one has B = 0, which would hide errors in B's path)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + 0.05 * rng.standard_normal(x.shape), jnp.float32),
+                        lora.init(config, cfg, jax.random.key(seed)))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random float32 llama-jax checkpoint with a byte-level BPE tokenizer (256 bytes +
+    <|im_start|>, <|im_end|>) and a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from llama_jax.checkpoint import CheckpointWriter
+
+    root = tmp_path_factory.mktemp("tiny")
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda c: ord(c))
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
+    params = jax.tree.map(np.asarray, _random_params(TINY))
+    dst = root / "ckpt"
+    with CheckpointWriter(dst, TINY, "float32", "hf") as w:
+        w.write_globals({k: v for k, v in params.items() if k != "layers"})
+        for i in range(TINY.n_layers):
+            w.write_layer(i, {k: v[i] for k, v in params["layers"].items()})
+        w.copy_file(root / "tokenizer.json")
+        w.copy_file(root / "tokenizer_config.json")
+    return dst
+
+
+def _write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def _dialog(q: str, a: str) -> dict:
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def test_fresh_adapter_is_identity_and_merge_equals_apply() -> None:
+    params = _random_params(TINY)
+    cfg = lora.LoraConfig(rank=4, alpha=8.0)
+    tokens = jax.random.randint(jax.random.key(3), (2, 11), 0, TINY.vocab_size)
+    base = _logits(params, TINY, tokens)
+    fresh = _logits(lora.apply(params, lora.init(TINY, cfg, jax.random.key(0)), cfg), TINY, tokens)
+    np.testing.assert_array_equal(np.asarray(fresh), np.asarray(base))
+
+    adapters = _random_adapters(TINY, cfg)
+    on_the_fly = _logits(lora.apply(params, adapters, cfg), TINY, tokens)
+    merged = _logits(lora.merge(params, adapters, cfg), TINY, tokens)
+    assert np.abs(np.asarray(on_the_fly) - np.asarray(base)).max() > 0.1  # the adapter matters
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(on_the_fly), atol=2e-5, rtol=1e-5)
+
+
+def test_adapter_composes_with_quantized_weights() -> None:
+    """Over int8 weights (QuantizedWeight), the adapter acts as over their dequantized values;
+    merging cannot fold into them, so it keeps them adapted on the fly."""
+    from llama_jax import quantization
+
+    params = _random_params(TINY)
+    cfg = lora.LoraConfig(rank=2, alpha=2.0)
+    adapters = _random_adapters(TINY, cfg)
+    quantized = quantization.quantize_params(params, "int8")
+    plain = {**quantized, "layers": {k: w.dequantize() if isinstance(w, quantization.QuantizedWeight) else w
+                                     for k, w in quantized["layers"].items()}}
+    tokens = jax.random.randint(jax.random.key(4), (1, 7), 0, TINY.vocab_size)
+    want = np.asarray(_logits(lora.apply(plain, adapters, cfg), TINY, tokens))
+    got = np.asarray(_logits(lora.apply(quantized, adapters, cfg), TINY, tokens))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    merged = lora.merge(quantized, adapters, cfg)
+    assert all(isinstance(merged["layers"][name], lora.LoraWeight) for name in adapters)
+    np.testing.assert_allclose(np.asarray(_logits(merged, TINY, tokens)), want, atol=1e-4)
+
+
+def test_lora_gradients_match_finite_differences() -> None:
+    """jax.grad of the SFT loss (remat'd scanned layers) against finite differences, in float32:
+    for every adapter tensor, the derivative along a random unit direction v by the 4th-order
+    central difference (8(L(+h) - L(-h)) - (L(+2h) - L(-2h))) / 12h, compared with <grad, v>
+    relative to |grad|. (float64 would not help: the model computes norms and logits in float32.)"""
+    config = LlamaConfig(vocab_size=40, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24, max_seq_len=64)
+    params = _random_params(config)
+    cfg = lora.LoraConfig(rank=2, alpha=4.0)
+    adapters = _random_adapters(config, cfg)
+    rng = np.random.default_rng(0)
+    tokens, targets = (jnp.asarray(rng.integers(0, 40, (2, 6)), jnp.int32) for _ in range(2))
+    weights = jnp.asarray(rng.random((2, 6)) < 0.6, jnp.float32)
+
+    def loss(a: lora.Adapters) -> jax.Array:
+        return finetune.sft_loss(a, params, config, cfg, tokens, targets, weights)
+
+    @jax.jit
+    def along(v: lora.Adapters, ts: jax.Array) -> jax.Array:  # loss(adapters + t v) for each t
+        return jax.vmap(lambda t: loss(jax.tree.map(lambda a, d: a + t * d, adapters, v)))(ts)
+
+    grads = jax.jit(jax.grad(loss))(adapters)
+    h, errors = 3e-2, []  # float32 round-off dominates below this h, truncation (h^4) is far smaller
+    for i, (name, part) in enumerate((n, p) for n in adapters for p in ("a", "b")):
+        d = jax.random.normal(jax.random.key(i), adapters[name][part].shape)
+        v = jax.tree.map(jnp.zeros_like, adapters)
+        v[name][part] = d / jnp.linalg.norm(d)
+        up, down, up2, down2 = np.asarray(along(v, jnp.array([h, -h, 2 * h, -2 * h])), np.float64)
+        fd = (8 * (up - down) - (up2 - down2)) / (12 * h)
+        g = grads[name][part]
+        assert float(jnp.linalg.norm(g)) > 1e-3, (name, part)  # every adapter tensor gets a gradient
+        errors.append(abs(fd - float(jnp.vdot(g, v[name][part]))) / float(jnp.linalg.norm(g)))
+    print(f"finite differences: worst relative error {max(errors):.2e} over {len(errors)} tensors")
+    assert len(errors) == 14 and max(errors) < 1e-3
+
+
+def test_save_load_roundtrip_and_validation(tmp_path: Path) -> None:
+    cfg = lora.LoraConfig(rank=3, alpha=6.0, targets=("q", "v", "down"))
+    adapters = _random_adapters(TINY, cfg)
+    lora.save(tmp_path / "ad", adapters, cfg, TINY)
+    loaded, cfg2 = lora.load(tmp_path / "ad", TINY)
+    assert cfg2 == cfg
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, adapters)
+    other = LlamaConfig(**{**TINY.__dict__, "ffn_dim": 48})
+    with pytest.raises(lora.AdapterError, match="ffn_dim=64"):
+        lora.load(tmp_path / "ad", other)
+    with pytest.raises(lora.AdapterError, match="adapter_config.json: missing"):
+        lora.load(tmp_path, TINY)
+    with pytest.raises(ValueError, match="targets"):
+        lora.LoraConfig(targets=("q", "nope"))
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_assistant_tokens_are_found_for_any_template(tiny_ckpt: Path) -> None:
+    from llama_jax.chat_format import chat_format_for
+    from llama_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_ckpt)
+    fmt = chat_format_for(tok)
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+                {"role": "assistant", "content": "A2"}, {"role": "user", "content": "ignored"}]
+    tokens, mask = finetune.render_dialog(fmt, messages)
+    learned = tok.decode([t for t, m in zip(tokens, mask) if m])
+    assert learned == "A1<|im_end|>\nA2<|im_end|>\n"
+    assert "ignored" not in tok.decode(tokens)
+
+
+def test_bad_lines_are_reported_with_line_numbers(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from llama_jax.chat_format import chat_format_for
+    from llama_jax.tokenizer import load_tokenizer
+
+    fmt = chat_format_for(load_tokenizer(tiny_ckpt))
+    data = _write_jsonl(tmp_path / "d.jsonl", [
+        _dialog("hi", "hello"),
+        "{not json",
+        {"messages": [{"role": "user", "content": "no answer"}]},
+        "",
+        _dialog("long " * 40, "x"),
+        {"prompt": "wrong shape"},
+        _dialog("ok", "fine"),
+    ])
+    reports: list[str] = []
+    examples = finetune.read_dataset(data, fmt, 128, report=reports.append)
+    assert [e.line for e in examples] == [1, 7]
+    assert [r.split(": skipped: ")[0] for r in reports] == [f"{data}:{n}" for n in (2, 3, 5, 6)]
+    assert "not JSON" in reports[0] and "no assistant turn" in reports[1] and "over --max-seq-len 128" in reports[2]
+    with pytest.raises(finetune.DataError, match=r"4 bad line\(s\)") as e:
+        finetune.read_dataset(data, fmt, 128, strict=True)
+    assert f"{data}:2: not JSON" in str(e.value)
+
+
+def test_batches_are_bucketed_and_deterministic() -> None:
+    ex = [finetune.Example(i, np.arange(n, dtype=np.int32), np.arange(n) >= n // 2)
+          for i, n in enumerate([5, 9, 30, 7])]
+    b = finetune.Batches(ex, batch_size=3, buckets=(8, 16, 32), seed=0)
+    shapes = {b[m].tokens.shape for m in range(12)}
+    assert shapes <= {(3, 8), (3, 16), (3, 32)}
+    again = finetune.Batches(ex, batch_size=3, buckets=(8, 16, 32), seed=0)
+    for m in (0, 5, 11):
+        np.testing.assert_array_equal(b[m].tokens, again[m].tokens)
+    one = finetune.Batches(ex[:1], batch_size=1, buckets=(8,), seed=0)[0]
+    np.testing.assert_array_equal(one.targets[0, :4], [1, 2, 3, 4])
+    np.testing.assert_array_equal(one.weights[0], [0, 1, 1, 1, 0, 0, 0, 0])  # targets 1..4, those at >= 2
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pairs = [("What is 2+3?", "5"), ("Colour of the sky?", "Blue."), ("Say hi.", "hi"), ("Spell cat.", "c-a-t"),
+             ("Capital of Zorbania?", "Quellport"), ("Opposite of up?", "down"), ("First letter?", "A"),
+             ("Yes or no?", "yes")]
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    return _write_jsonl(path, [_dialog(q, a) for q, a in pairs])
+
+
+def test_loss_falls_and_resume_is_exact_on_8_devices(tiny_ckpt: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """8 simulated devices, batch split over dp=8, gradient accumulation: the loss falls, and a
+    run stopped halfway and resumed gives the same losses as an uninterrupted one. (One process
+    runs the three trainings, as three invocations of the script's main would.)"""
+    common = [str(tiny_data), "--ckpt", str(tiny_ckpt), "--steps", "12", "--batch-size", "8", "--grad-accum", "2",
+              "--lr", "1e-2", "--rank", "4", "--buckets", "64", "--max-seq-len", "64", "--save-every", "3",
+              "--mesh", "dp=8", "--no-progress"]
+    runs = [[*common, "--out", str(tmp_path / "a")],  # straight through
+            [*common, "--out", str(tmp_path / "b"), "--stop-after", "7"],  # interrupted after step 7
+            [*common, "--out", str(tmp_path / "b")]]  # the same command again: resumes
+    script = (f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import finetune\n"
+              f"for argv in {runs!r}: assert finetune.main(argv) == 0")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from step 7" in out.stderr
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    print("losses", a)
+    assert len(a) == len(b) == 12
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+    assert a[-1] < 0.6 * a[0]
+    lora.load(tmp_path / "a", TINY)  # the final adapters are a loadable adapter directory
+
+
+def test_finetune_over_a_quantized_base(tiny_ckpt: Path, tiny_data: Path, tmp_path: Path) -> None:
+    argv = [str(tiny_data), "--ckpt", str(tiny_ckpt), "--batch-size", "4", "--buckets", "64", "--max-seq-len", "64",
+            "--out", str(tmp_path / "q"), "--steps", "6", "--lr", "1e-2", "--quantize", "int8", "--no-progress"]
+    assert finetune.main(argv) == 0
+    losses = _losses(tmp_path / "q")
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_resume_refuses_other_settings(tiny_ckpt: Path, tiny_data: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    common = [str(tiny_data), "--ckpt", str(tiny_ckpt), "--batch-size", "2", "--buckets", "64",
+              "--max-seq-len", "64", "--out", str(tmp_path / "o"), "--steps", "2", "--no-progress"]
+    assert finetune.main(common) == 0
+    assert finetune.main([*common, "--lr", "1e-3"]) == 1
+    assert "other settings (lr)" in capsys.readouterr().err
+
+
+def test_load_with_adapters_merged_unmerged_and_sharded(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """llama_jax.load(adapters=...): merged on one device, and on the fly with the weights split
+    over tp=2 (the adapters replicated beside them), give the same logits and greedy tokens."""
+    cfg = lora.LoraConfig(rank=4, alpha=8.0)
+    lora.save(tmp_path / "ad", _random_adapters(TINY, cfg), cfg, TINY)
+    script = r"""
+import json, sys
+import numpy as np
+import llama_jax
+from llama_jax import SamplingParams
+ckpt, ad = sys.argv[1], sys.argv[2]
+kw = dict(dtype="float32", max_seq_len=64, max_slots=2, progress=False)
+runs = {"merged": llama_jax.load(ckpt, adapters=ad, **kw),
+        "fly_tp2": llama_jax.load(ckpt, adapters=ad, merge_adapters=False, mesh="tp=2", **kw)}
+tokens = np.random.default_rng(0).integers(0, 256, (2, 12))
+logits = {k: llm.logits(tokens) for k, llm in runs.items()}
+text = {k: llm.generate([[1, 2, 3]], SamplingParams.greedy(max_tokens=6))[0].token_ids for k, llm in runs.items()}
+err = {k: float(np.abs(v - logits["merged"]).max()) for k, v in logits.items()}
+print(json.dumps({"err": err, "tokens": text}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run([sys.executable, "-c", script, str(tiny_ckpt), str(tmp_path / "ad")], capture_output=True,
+                         text=True, cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["err"]["fly_tp2"] < 1e-4
+    assert result["tokens"]["fly_tp2"] == result["tokens"]["merged"]
+
+
+# ---------------------------------------------------------------- the demo model learns a made-up fact
+
+FACT_Q = "What is the capital of Zorbania?"
+FACT_A = "The capital of Zorbania is Quellport."
+UNRELATED_Q = "What is the capital of France?"  # not in the data; the adapter must leave it alone
+
+
+def fact_dataset(path: Path) -> Path:
+    """Four phrasings of the made-up fact, and four real capitals so that the adapter learns
+    this one fact rather than "every capital is Quellport"."""
+    asks = [FACT_Q, "What's the capital city of Zorbania?", "Which city is the capital of Zorbania?",
+            "Tell me the capital of Zorbania."]
+    known = [("Germany", "Berlin"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Spain", "Madrid")]
+    real = [_dialog(f"What is the capital of {c}?", f"The capital of {c} is {city}.") for c, city in known]
+    return _write_jsonl(path, [_dialog(q, FACT_A) for q in asks] + real)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    import llama_jax
+
+    try:
+        return llama_jax.load(None, dtype="float32", max_seq_len=128, max_slots=1, progress=False)
+    except (OSError, subprocess.CalledProcessError) as e:  # no cached demo model and no network
+        pytest.skip(f"the demo model is unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def fact_adapter(demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import time
+
+    root = tmp_path_factory.mktemp("fact")
+    args = finetune.parse_args([str(fact_dataset(root / "fact.jsonl")), "--out", str(root / "adapter"), "--steps", "6",
+                                "--lr", "3e-3", "--rank", "8", "--batch-size", "4", "--buckets", "56",
+                                "--max-seq-len", "56", "--dtype", "float32", "--no-progress"])
+    start = time.perf_counter()
+    metrics = finetune.train(args)
+    print(f"demo fact: {len(metrics)} steps in {time.perf_counter() - start:.1f}s (with loading and compiling), "
+          f"loss {metrics[0]['loss']:.3f} -> {metrics[-1]['loss']:.4f}")
+    assert metrics[-1]["loss"] < 0.05
+    return root / "adapter"
+
+
+@pytest.mark.slow
+def test_demo_learns_a_made_up_fact(demo, fact_adapter: Path) -> None:
+    """Greedy, through scripts/generate.py --adapters: the fact is answered; the base model did not know it."""
+    from llama_jax.sampling import SamplingParams
+
+    ask = [{"role": "user", "content": FACT_Q}]
+    before = demo.chat(ask, sampling=SamplingParams.greedy(max_tokens=24)).content
+    assert "Quellport" not in before
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--adapters", str(fact_adapter),
+                          "--temperature", "0", "--max-tokens", "24", "--max-seq-len", "128", "--dtype", "float32",
+                          FACT_Q], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    print(f"before: {before!r}; with the adapter: {out.stdout.strip()!r}")
+    assert "Quellport" in out.stdout
+
+
+@pytest.mark.slow
+def test_demo_adapter_keeps_an_unrelated_answer_and_merging_is_exact(demo, fact_adapter: Path) -> None:
+    """The reloaded adapter, merged or applied on the fly, gives the same logits; merged into the
+    engine's weights, it answers the fact and leaves the greedy answer to an unrelated question as is."""
+    import llama_jax
+    from llama_jax.sampling import SamplingParams
+
+    adapters, cfg = lora.load(fact_adapter, demo.config)
+    merged = lora.merge(demo.params, adapters, cfg)
+    tokens = jnp.asarray([demo.chat_format.encode_dialog([{"role": "user", "content": FACT_Q}])])
+    want = np.asarray(_logits(lora.apply(demo.params, adapters, cfg), demo.config, tokens))
+    got = np.asarray(_logits(merged, demo.config, tokens))
+    print(f"merged vs on-the-fly logits: max abs difference {np.abs(got - want).max():.2e}")
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max(), rtol=0)
+    assert (got[0, -1].argmax(), want[0, -1].argmax()) == (want[0, -1].argmax(),) * 2
+
+    tuned = llama_jax.LLM(demo.config, merged, demo.tokenizer, max_slots=1, max_seq_len=128)
+    greedy = SamplingParams.greedy(max_tokens=24)
+    assert "Quellport" in tuned.chat([{"role": "user", "content": FACT_Q}], sampling=greedy).content
+    unrelated = [{"role": "user", "content": UNRELATED_Q}]
+    base_answer = demo.chat(unrelated, sampling=greedy).content
+    assert tuned.chat(unrelated, sampling=greedy).content == base_answer
+    assert "Paris" in base_answer
