@@ -79,7 +79,8 @@ class LLM:
         )
         self.scheduler = Scheduler(self.engine, tokenizer) if tokenizer is not None else None
         self._chat_format = None
-        self._logits_fn = jax.jit(self._logits_body)
+        # Replicated output when sharded, so the host can read it in every process.
+        self._logits_fn = jax.jit(self._logits_body, out_shardings=shardings.replicated if shardings else None)
 
     @property
     def max_seq_len(self) -> int:
@@ -294,6 +295,7 @@ def load(
     merge_adapters: bool = True,
     quantize: str | None = None,
     cache_dtype: str | None = None,
+    distributed: bool | dict | None = None,
 ) -> LLM:
     """Load a checkpoint onto the devices and return an `LLM`.
 
@@ -307,8 +309,18 @@ def load(
     (llama_jax/quantization.py); a checkpoint stored quantized loads quantized without it.
     `cache_dtype`: the KV cache's dtype (default: `dtype`); "int8" stores one scale per token and
     head beside int8 keys and values, about half the memory of bfloat16.
+    `distributed`: join a multi-host run first (llama_jax/distributed.py): True reads the
+    LLAMA_JAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID variables or the cluster's own, a dict gives
+    them. Every process must then make the same calls; the checkpoint must already be converted.
     """
+    from .distributed import initialize_from
     from .sources import resolve_checkpoint
+
+    initialize_from(distributed)  # before anything starts the JAX backend
+    if jax.process_count() > 1:
+        mesh = mesh or f"tp={jax.device_count()}"
+        if path is None or not checkpoint.is_checkpoint(path):
+            raise ValueError("a multi-host load needs a converted llama-jax checkpoint on a shared filesystem")
 
     if compilation_cache:
         enable_compilation_cache()

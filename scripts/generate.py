@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llama_jax.distributed import add_arguments as add_distributed_arguments  # noqa: E402
+from llama_jax.distributed import initialize_from_args  # noqa: E402
 from llama_jax.sampling import SamplingParams  # noqa: E402
 
 
@@ -52,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--adapters", type=Path, help="LoRA adapter directory (scripts/finetune.py --out)")
     r.add_argument("--no-merge-adapters", dest="merge_adapters", action="store_false",
                    help="apply the adapters on the fly instead of merging them into the weights")
+    add_distributed_arguments(p)
     args = p.parse_args(argv)
     if not args.chat and not args.prompt:
         p.error("give a prompt, or --chat for an interactive session")
@@ -137,6 +140,7 @@ def chat_turn(llm, messages: list[dict], tools: list[dict] | None, sampling: Sam
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    initialize_from_args(args)  # a no-op for one process
     import llama_jax
 
     try:
