@@ -141,18 +141,25 @@ class LLM:
 
     # ---- generation ----
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], sampling: SamplingParams | None = None, **overrides: Any
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        **overrides: Any,
     ) -> Completion | list[Completion]:
-        """Complete one prompt or a batch; a batch runs together, each sequence stopping on its own."""
+        """Complete one prompt or a batch; a batch runs together, each sequence stopping on its own.
+        `sampling` is one setting for all prompts or one per prompt; keyword overrides apply to all."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise ValueError("no prompts given")
-        sampling = _sampling(sampling, overrides)
+        per_prompt = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(batch)
+        if len(per_prompt) != len(batch):
+            raise ValueError(f"{len(per_prompt)} sampling settings for {len(batch)} prompts")
+        settings = [_sampling(sp, overrides) for sp in per_prompt]
         ids = [self.encode_prompt(p) for p in batch]
-        for i in ids:
-            self._check_length(i, sampling)
-        results = self._run([(i, sampling) for i in ids])
+        for i, sp in zip(ids, settings):
+            self._check_length(i, sp)
+        results = self._run(list(zip(ids, settings)))
         return results[0] if single else results
 
     def generate_stream(self, prompt: Prompt, sampling: SamplingParams | None = None, **overrides: Any) -> Iterator[Event]:

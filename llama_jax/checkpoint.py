@@ -3,7 +3,7 @@ restoring stream one layer at a time (host peak near one layer, not the model).
 
 Layout of a checkpoint directory:
 
-    llama_jax.json        {"format": "llama-jax", "version": 1, "dtype": "bfloat16",
+    llama_jax.json        {"format": "llama-jax", "version": 2, "dtype": "bfloat16",
                            "n_layers": L, "source": "hf" | "meta" | "gguf",
                            ["quantization": {"mode": "int8" | "fp8", "weights": ["wq", ...]}]}
                           written last: a directory without it is not a checkpoint
@@ -56,7 +56,7 @@ from llama_jax.quantization import (
 from llama_jax.quantization import quantize as quantize_array
 
 FORMAT = "llama-jax"
-VERSION = 1
+VERSION = 2  # 2: one Orbax checkpoint per global tensor; gguf_tokenizer.json holds GGUF metadata
 META_FILE = "llama_jax.json"
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -450,7 +450,7 @@ def restore_params(
     """
     import jax
     import jax.numpy as jnp
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     root = Path(path)
     config = read_config(root)

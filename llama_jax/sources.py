@@ -56,9 +56,18 @@ def resolve_checkpoint(path: str | os.PathLike | None, *, progress: bool = True)
     if kind == "gguf" and path.is_dir():
         path = next(path.glob("*.gguf"))
     dst = cache_dir() / "converted" / f"{path.name}-{_fingerprint(path)}"
-    if not checkpoint.is_checkpoint(dst):
+    if not _usable(dst):
         _convert(kind, path, dst, progress=progress)
     return dst
+
+
+def _usable(cached: Path) -> bool:
+    """A finished checkpoint in the current format (older cached conversions are redone)."""
+    try:
+        checkpoint.read_metadata(cached)
+    except checkpoint.CheckpointError:
+        return False
+    return True
 
 
 def _fingerprint(path: Path) -> str:
@@ -106,6 +115,6 @@ def demo_gguf() -> Path:
 
 def demo_checkpoint(*, progress: bool = True) -> Path:
     dst = cache_dir() / "converted" / DEMO_NAME
-    if not checkpoint.is_checkpoint(dst):
+    if not _usable(dst):
         _convert("gguf", demo_gguf(), dst, progress=progress)
     return dst

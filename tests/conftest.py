@@ -320,6 +320,17 @@ def smol_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smol_reference(smol_gguf: Path) -> tuple[Any, Any]:
+    """transformers' tokenizer and float32 model, both loaded from the demo GGUF (it dequantises)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name, dtype=torch.float32)
+    return tok, model.eval()
+
+
+@pytest.fixture(scope="session")
 def smol_checkpoint(smol_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo GGUF converted once per session, float32."""
     from convert import convert

@@ -54,7 +54,7 @@ def test_writer_roundtrip_files_and_bfloat16_rounding(tmp_path: Path) -> None:
     dst = write_random(tmp_path / "ckpt", dtype="bfloat16")
     assert ck.is_checkpoint(dst) and only_entries(tmp_path) == ["ckpt"]
     assert json.loads((dst / "llama_jax.json").read_text()) == {
-        "format": "llama-jax", "version": 1, "dtype": "bfloat16", "n_layers": 2, "source": "hf"}
+        "format": "llama-jax", "version": 2, "dtype": "bfloat16", "n_layers": 2, "source": "hf"}
     assert ck.read_config(dst) == TINY
     layer = ck.read_layer(dst, 1)
     want = random_tensors(ck.layer_shapes(TINY), 2)

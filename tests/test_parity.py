@@ -132,16 +132,6 @@ SMOL_PROMPTS = [
 GREEDY_TOKENS = 32
 
 
-@pytest.fixture(scope="module")
-def smol_reference(smol_gguf: Path) -> tuple[Any, Any]:
-    """transformers' tokenizer and float32 model, both loaded from the GGUF (it dequantises)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name, dtype=torch.float32)
-    return tok, model.eval()
-
-
 def _right_padded(seqs: list[list[int]], length: int) -> np.ndarray:
     out = np.zeros((len(seqs), length), np.int64)
     for i, s in enumerate(seqs):

@@ -1,0 +1,115 @@
+"""The Python API on the demo model: greedy output equals transformers', batching, streaming,
+stop conditions and argument validation."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import llama_jax
+from llama_jax import SamplingParams
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three uses of copper."]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def llm(smol_checkpoint):
+    return llama_jax.load(smol_checkpoint, dtype="float32", max_slots=4, max_seq_len=512, progress=False)
+
+
+def _chat_ids(llm, text):
+    return llm.chat_format.encode_dialog([{"role": "user", "content": text}])
+
+
+@pytest.mark.slow
+def test_batched_greedy_equals_transformers_generate(llm, smol_reference):
+    _, model = smol_reference
+    prompts = [_chat_ids(llm, p) for p in PROMPTS]
+    ours = llm.generate(prompts, SamplingParams.greedy(max_tokens=NEW_TOKENS))
+    for prompt, out in zip(prompts, ours):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        ref = ref[0, len(prompt):].tolist()
+        if ref[-1] in llm.tokenizer.stop_ids:  # transformers keeps the end-of-turn token; we report it as "stop"
+            assert out.finish_reason == "stop"
+            ref = ref[:-1]
+        assert out.token_ids == ref
+
+
+def test_chat_answers_and_stops_on_end_of_turn(llm):
+    reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=40)
+    assert "Paris" in reply.content
+    assert reply.finish_reason == "stop" and reply.tool_calls == []
+    assert reply.completion.completion_tokens < 40
+
+
+def test_batch_equals_alone_and_stream_equals_whole(llm):
+    greedy = SamplingParams.greedy(max_tokens=12, ignore_eos=True)
+    prompts = [_chat_ids(llm, p) for p in PROMPTS]
+    batch = llm.generate(prompts, greedy)
+    for prompt, out in zip(prompts, batch):
+        alone = llm.generate(prompt, greedy)
+        assert alone.token_ids == out.token_ids
+        events = list(llm.generate_stream(prompt, greedy))
+        assert "".join(e.text for e in events) == out.text
+        assert [t for e in events for t in e.token_ids] == out.token_ids
+        assert events[-1].finish_reason == "length"
+
+
+def test_per_prompt_sampling_and_seeds(llm):
+    prompt = _chat_ids(llm, "Tell me a story.")
+    hot = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=10, seed=1234, ignore_eos=True)
+    a, b, c = llm.generate([prompt, prompt, prompt], [hot, hot, hot.replace(seed=99)])
+    assert a.token_ids == b.token_ids != c.token_ids
+    assert llm.generate(prompt, hot).token_ids == a.token_ids  # the seed, not the batch, fixes the stream
+
+
+def test_stop_strings_are_cut_and_logprobs_reported(llm):
+    prompt = _chat_ids(llm, "Count from 1 to 20, separated by commas.")
+    full = llm.generate(prompt, SamplingParams.greedy(max_tokens=30, ignore_eos=True, logprobs=True, top_logprobs=3))
+    assert len(full.logprobs) == 30 and all(len(lp.top) == 3 for lp in full.logprobs)
+    assert all(lp.top[0][1] >= lp.logprob - 1e-5 for lp in full.logprobs)  # greedy takes the best
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    cut = llm.generate(prompt, SamplingParams.greedy(max_tokens=30, ignore_eos=True, stop=(stop,)))
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"max_tokens": -1}, "max_tokens"), ({"temperature": -0.5}, "temperature"), ({"top_p": 0.0}, "top_p"),
+     ({"top_p": 1.5}, "top_p")],
+)
+def test_bad_arguments_are_refused(llm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate("Hello", **kwargs)
+
+
+def test_bad_prompts_are_refused(llm):
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate("")
+    with pytest.raises(ValueError, match="context"):
+        llm.generate([1] * 600)
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate([1, 10**9])
+
+
+def test_compilation_cache_is_on(llm):
+    assert jax.config.jax_compilation_cache_dir
+
+
+def test_generate_script_prints_an_answer(smol_checkpoint):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "generate.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--ckpt", str(smol_checkpoint), "--temperature", "0", "--max-tokens", "32",
+         "What is the capital of France?"], capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    assert "time to first token" in out.stderr and "tokens/s" in out.stderr
+    bad = subprocess.run([sys.executable, str(script), "--top-p", "2", "hi"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "top_p" in bad.stderr
