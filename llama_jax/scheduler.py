@@ -163,7 +163,8 @@ class Scheduler:
                 self._finish(req, "cancelled", events, [], "", None)
 
     def _admit(self, events: list[Event]) -> bool:
-        """Prefill waiting requests into free slots; whether any was admitted."""
+        """Prefill waiting requests into free slots, handing out each one's events at once (they
+        are also appended to `events`); whether any was admitted."""
         free = self.engine.free_slots()
         admitted = False
         while free:
@@ -176,7 +177,10 @@ class Scheduler:
             self._by_id[req.id] = req
             self._text[req.id] = (IncrementalDecoder(self.tokenizer), _StopText(req.sampling.stop))
             if req.sampling.max_tokens == 0:
-                self._finish(req, "length", events, [], "", None)
+                done: list[Event] = []
+                self._finish(req, "length", done, [], "", None)
+                self._dispatch(done)
+                events.extend(done)
                 continue
             slot = free.pop(0)
             out = self.engine.prefill(slot, req.prompt, req.sampling, seed)

@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import threading
+import uuid
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -90,13 +91,15 @@ class EngineWorker:
                 raise QueueFull(f"the queue holds {sched.queue_depth} of {sched.max_queue} requests")
             try:
                 for index, (ids, sampling) in enumerate(jobs):
-                    deliver = _deliverer(loop, queue, index)
-                    req = Request(ids, sampling, on_event=self._on_event)
-                    sched.add(req)
-                    self._live[req.id] = (req, deliver)
+                    # Registered before it is queued: the engine thread may admit, finish and
+                    # report it before add() returns.
+                    req = Request(ids, sampling, on_event=self._on_event, id=f"req-{uuid.uuid4().hex}")
+                    self._live[req.id] = (req, _deliverer(loop, queue, index))
                     requests.append(req)
+                    sched.add(req)
             except (QueueFull, ValueError):
                 for req in requests:
+                    self._live.pop(req.id, None)
                     self.cancel(req)
                 raise
             self._cond.notify()
