@@ -225,8 +225,10 @@ def forward(
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # (B, D)
     x = rms_norm(x, params["norm"], config.norm_eps)
-    head = params["embed"].T if config.tie_embeddings else params["lm_head"]
-    logits = jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+    if config.tie_embeddings:  # contract against the (V, D) table as stored; a transpose costs a copy on CPU
+        logits = jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("...d,dv->...v", x, params["lm_head"], preferred_element_type=jnp.float32)
     return logits, cache
 
 

@@ -40,13 +40,21 @@ PROMPTS = [
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes/s of summing a large float32 array (a memory-bound read), best of several runs."""
+    """Bytes/s of summing a large float32 array (a memory-bound read), the best of numpy (one
+    thread) and a jitted XLA reduction (all cores) over several runs."""
+    import jax
+    import jax.numpy as jnp
+
     a = np.ones(int(gib * (1 << 30)) // 4, np.float32)
+    device_a = jnp.asarray(a)
+    total = jax.jit(jnp.sum)
+    total(device_a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t)
+        for run in (a.sum, lambda: total(device_a).block_until_ready()):
+            t = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t)
     return a.nbytes / best
 
 
@@ -109,7 +117,10 @@ def main() -> int:
     from llama_jax.sources import demo_gguf
 
     torch.set_num_threads(args.threads)
-    llm = llama_jax.load(args.ckpt, dtype="float32", max_slots=max(args.batch), max_seq_len=512, progress=False)
+    def load(batch: int):  # an engine with as many slots as the batch: decode computes every slot
+        return llama_jax.load(args.ckpt, dtype="float32", max_slots=batch, max_seq_len=512, progress=False)
+
+    llm = load(args.batch[0])
     gguf = Path(args.gguf) if args.gguf else demo_gguf()
     hf_tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
@@ -121,7 +132,7 @@ def main() -> int:
     rows = []
     for b in args.batch:
         prompts = [prompts_all[i % len(prompts_all)] for i in range(b)]
-        ours = bench_ours(llm, prompts, args.new_tokens, args.repeats)
+        ours = bench_ours(llm if llm.engine.max_slots == b else load(b), prompts, args.new_tokens, args.repeats)
         theirs = bench_transformers(hf_model, hf_tok, prompts, args.new_tokens, args.repeats)
         row = {"batch": b, "llama_jax": ours, "transformers": theirs,
                "decode_speedup": ours["decode_tok_s"] / theirs["decode_tok_s"]}
