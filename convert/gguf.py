@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from convert._common import ConvertError, check_shape, source_global_shapes, source_layer_shapes, write_checkpoint
-from llama_jax.checkpoint import GGUF_TOKENIZER_FILE
+from llama_jax.tokenizer import GGUF_TOKENIZER_FILE
 from llama_jax.config import ConfigError, LlamaConfig, RopeScaling
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")

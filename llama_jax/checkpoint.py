@@ -50,6 +50,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from llama_jax.config import ConfigError, LlamaConfig
+from llama_jax.model import LAYER_PARAMS, param_shapes
 from llama_jax.quantization import (
     SCALE_SUFFIX, WeightQuantization, as_weight, input_axes, qdtype, scale_shape, scale_sharding,
 )
@@ -60,10 +61,9 @@ VERSION = 2  # 2: one Orbax checkpoint per global tensor; gguf_tokenizer.json ho
 META_FILE = "llama_jax.json"
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
-GGUF_TOKENIZER_FILE = "gguf_tokenizer.json"
 DTYPES = ("bfloat16", "float32")
 SOURCES = ("hf", "meta", "gguf")
-LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+LAYER_KEYS = LAYER_PARAMS
 _RESERVED = {META_FILE, CONFIG_FILE, PARAMS_DIR}
 CHUNK_BYTES = 16 << 20
 
@@ -73,25 +73,13 @@ class CheckpointError(ValueError):
 
 
 def global_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    shapes = {"embed": (config.vocab_size, config.dim), "norm": (config.dim,)}
-    if not config.tie_embeddings:
-        shapes["lm_head"] = (config.dim, config.vocab_size)
-    return shapes
+    """Shapes of the tensors outside the layers (the model's layout, model.param_shapes)."""
+    return {k: v for k, v in param_shapes(config).items() if k != "layers"}
 
 
 def layer_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    d, h, k, dh, f = config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim
-    return {
-        "attn_norm": (d,),
-        "wq": (d, h, dh),
-        "wk": (d, k, dh),
-        "wv": (d, k, dh),
-        "wo": (h, dh, d),
-        "mlp_norm": (d,),
-        "w_gate": (d, f),
-        "w_up": (d, f),
-        "w_down": (f, d),
-    }
+    """Shapes of one layer's tensors: the stacked shapes without the leading layer axis."""
+    return {k: v[1:] for k, v in param_shapes(config)["layers"].items()}
 
 
 TensorSpecs = Mapping[str, tuple[tuple[int, ...], np.dtype]]  # name -> (shape, dtype)

@@ -20,7 +20,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
 
-from .checkpoint import GGUF_TOKENIZER_FILE
+# The GGUF tokenizer metadata that `convert gguf` writes beside a checkpoint (see checkpoint.py).
+GGUF_TOKENIZER_FILE = "gguf_tokenizer.json"
 
 if TYPE_CHECKING:
     import tokenizers

@@ -2,7 +2,6 @@
 stop conditions and argument validation."""
 
 import jax
-import numpy as np
 import pytest
 import torch
 
