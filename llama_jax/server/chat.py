@@ -15,23 +15,21 @@ parallel_tool_calls=false keeps only the first call the model makes.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any, AsyncIterator
 
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from ..scheduler import TokenLogprob
-from .errors import APIError, bad_request
+from .errors import bad_request
 from .generation import (
-    SSE_HEADERS,
     ClientGone,
     ServerContext,
     chat_logprobs,
     events,
     sampling_params,
     sse,
-    sse_error,
+    sse_response,
 )
 from .protocol import (
     AssistantMessage,
@@ -53,7 +51,6 @@ from .protocol import (
     now,
 )
 
-log = logging.getLogger(__name__)
 
 REQUIRED_INSTRUCTION = "Answer by calling one or more of the provided functions."
 NAMED_INSTRUCTION = "Answer by calling the function `{name}`."
@@ -155,44 +152,33 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         parsers = [StreamingToolParser(tools) if tools else None for _ in range(body.n)]
         saw_call = [False] * body.n
         counts = [0] * body.n
-        try:
-            for i in range(body.n):
-                yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
-            async for i, ev in events(sub, request):
-                parser = parsers[i]
-                deltas: list[dict[str, Any]] = []
-                if ev.text:
-                    deltas = parser.feed(ev.text) if parser else [{"content": ev.text}]
-                if ev.finish_reason is not None and parser:
-                    deltas += parser.finish()
-                if not parallel:
-                    deltas = _first_call_only(deltas)
-                logprobs = ChoiceLogprobs(content=chat_logprobs(ctx, ev.logprobs)) if ev.logprobs else None
-                if logprobs and not deltas:
-                    deltas = [{}]
-                for d in deltas:
-                    saw_call[i] = saw_call[i] or bool(d.get("tool_calls"))
-                    yield chunk([ChunkChoice(index=i, delta=Delta.model_validate(d), logprobs=logprobs)])
-                    logprobs = None
-                if ev.finish_reason is not None:
-                    counts[i] = ev.completion_tokens
-                    reason = "tool_calls" if saw_call[i] else ev.finish_reason
-                    yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=reason)])
-            if body.include_usage:
-                total = sum(counts)
-                yield chunk([], Usage(prompt_tokens=len(ids), completion_tokens=total, total_tokens=len(ids) + total))
-            yield "data: [DONE]\n\n"
-        except ClientGone:
-            return
-        except APIError as e:
-            yield sse_error(e)
-        except Exception:
-            log.exception("chat stream failed")
-            yield sse_error(APIError(500, "internal server error", code="internal_error"))
-        finally:
-            sub.cancel()
+        for i in range(body.n):
+            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+        async for i, ev in events(sub, request):
+            parser = parsers[i]
+            deltas: list[dict[str, Any]] = []
+            if ev.text:
+                deltas = parser.feed(ev.text) if parser else [{"content": ev.text}]
+            if ev.finish_reason is not None and parser:
+                deltas += parser.finish()
+            if not parallel:
+                deltas = _first_call_only(deltas)
+            logprobs = ChoiceLogprobs(content=chat_logprobs(ctx, ev.logprobs)) if ev.logprobs else None
+            if logprobs and not deltas:
+                deltas = [{}]
+            for d in deltas:
+                saw_call[i] = saw_call[i] or bool(d.get("tool_calls"))
+                yield chunk([ChunkChoice(index=i, delta=Delta.model_validate(d), logprobs=logprobs)])
+                logprobs = None
+            if ev.finish_reason is not None:
+                counts[i] = ev.completion_tokens
+                reason = "tool_calls" if saw_call[i] else ev.finish_reason
+                yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=reason)])
+        if body.include_usage:
+            total = sum(counts)
+            yield chunk([], Usage(prompt_tokens=len(ids), completion_tokens=total, total_tokens=len(ids) + total))
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return sse_response(stream(), sub, "chat")
 
 
 def _first_call_only(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:

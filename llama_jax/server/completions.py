@@ -8,28 +8,25 @@ log-probabilities come from one full forward pass on the engine thread (the firs
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any, AsyncIterator
 
 import numpy as np
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from ..scheduler import TokenLogprob
-from .errors import APIError, bad_request
+from .errors import bad_request
 from .generation import (
     MIN_LOGPROB,
-    SSE_HEADERS,
     ClientGone,
     ServerContext,
     events,
     sampling_params,
     sse,
-    sse_error,
+    sse_response,
 )
 from .protocol import Completion, CompletionChoice, CompletionRequest, LegacyLogprobs, Usage, new_id, now
 
-log = logging.getLogger(__name__)
 
 # Echoed prompt log-probabilities need the float32 logits of the whole (padded) prompt at once.
 PROMPT_LOGPROBS_MAX_ELEMENTS = 1 << 26  # 256 MiB
@@ -154,31 +151,20 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
 
     async def stream() -> AsyncIterator[str]:
         counts = [0] * total
-        try:
-            if body.echo:
-                for i in range(total):
-                    text, lp = echo(i)
-                    yield chunk([CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=None)])
-            async for i, ev in events(sub, request):
-                lp = legacy[i].build(list(ev.logprobs or []), ev.token_ids) if want_lp else None
-                if ev.finish_reason is not None:
-                    counts[i] = ev.completion_tokens
-                elif not ev.text and not ev.token_ids:
-                    continue
-                yield chunk([CompletionChoice(index=i, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason)])
-            if body.include_usage:
-                done = sum(counts)
-                yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=done,
-                                      total_tokens=prompt_tokens + done))
-            yield "data: [DONE]\n\n"
-        except ClientGone:
-            return
-        except APIError as e:
-            yield sse_error(e)
-        except Exception:
-            log.exception("completion stream failed")
-            yield sse_error(APIError(500, "internal server error", code="internal_error"))
-        finally:
-            sub.cancel()
+        if body.echo:
+            for i in range(total):
+                text, lp = echo(i)
+                yield chunk([CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=None)])
+        async for i, ev in events(sub, request):
+            lp = legacy[i].build(list(ev.logprobs or []), ev.token_ids) if want_lp else None
+            if ev.finish_reason is not None:
+                counts[i] = ev.completion_tokens
+            elif not ev.text and not ev.token_ids:
+                continue
+            yield chunk([CompletionChoice(index=i, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason)])
+        if body.include_usage:
+            done = sum(counts)
+            yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=done,
+                                  total_tokens=prompt_tokens + done))
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return sse_response(stream(), sub, "completion")

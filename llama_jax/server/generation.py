@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from typing import Any, AsyncIterator, Sequence
 
 from starlette.requests import Request as HTTPRequest
+from starlette.responses import StreamingResponse
 
 from ..sampling import SamplingParams
 from ..scheduler import Event, QueueFull, TokenLogprob
@@ -17,6 +19,8 @@ from .errors import APIError, bad_request, error_body
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, TokenLogprobOut, TopLogprob
 from .worker import EngineFailure, EngineWorker, Submission
+
+log = logging.getLogger(__name__)
 
 # How often a request that is waiting on the engine checks whether its client is still there.
 DISCONNECT_POLL_S = 0.25
@@ -149,6 +153,29 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 def sse(data: str) -> str:
     """One server-sent event, framed as OpenAI frames them."""
     return f"data: {data}\n\n"
+
+
+def sse_response(chunks: AsyncIterator[str], sub: Submission, what: str) -> StreamingResponse:
+    """Stream `chunks` as server-sent events ending in `data: [DONE]`. A client that leaves ends the
+    stream quietly; an error after the first event becomes an error event; the engine requests
+    are cancelled however the stream ends."""
+
+    async def framed() -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                yield c
+            yield "data: [DONE]\n\n"
+        except ClientGone:
+            return
+        except APIError as e:
+            yield sse_error(e)
+        except Exception:
+            log.exception("%s stream failed", what)
+            yield sse_error(APIError(500, "internal server error", code="internal_error"))
+        finally:
+            sub.cancel()
+
+    return StreamingResponse(framed(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def sse_error(err: APIError) -> str:
