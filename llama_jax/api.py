@@ -133,7 +133,7 @@ class LLM:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
         return ids
 
-    def _check_length(self, ids: list[int], sampling: SamplingParams) -> None:
+    def _check_length(self, ids: list[int]) -> None:
         if len(ids) >= self.max_seq_len:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens but the context holds {self.max_seq_len} (prompt + output)"
@@ -157,8 +157,8 @@ class LLM:
             raise ValueError(f"{len(per_prompt)} sampling settings for {len(batch)} prompts")
         settings = [_sampling(sp, overrides) for sp in per_prompt]
         ids = [self.encode_prompt(p) for p in batch]
-        for i, sp in zip(ids, settings):
-            self._check_length(i, sp)
+        for i in ids:
+            self._check_length(i)
         results = self._run(list(zip(ids, settings)))
         return results[0] if single else results
 
@@ -166,7 +166,7 @@ class LLM:
         """Yield events (new token ids, their text, finish reason) as the tokens are produced."""
         sampling = _sampling(sampling, overrides)
         ids = self.encode_prompt(prompt)
-        self._check_length(ids, sampling)
+        self._check_length(ids)
         yield from self._stream(ids, sampling)
 
     def chat(
@@ -178,7 +178,7 @@ class LLM:
 
         sampling = _sampling(sampling, overrides)
         ids = self.chat_format.encode_dialog(messages, tools)
-        self._check_length(ids, sampling)
+        self._check_length(ids)
         (completion,) = self._run([(ids, sampling)])
         content, calls = parse_tool_calls(completion.text, tools) if tools else (completion.text, [])
         reason = "tool_calls" if calls else completion.finish_reason
@@ -194,7 +194,7 @@ class LLM:
 
         sampling = _sampling(sampling, overrides)
         ids = self.chat_format.encode_dialog(messages, tools)
-        self._check_length(ids, sampling)
+        self._check_length(ids)
         parser = StreamingToolParser(tools) if tools else None
         saw_call = False
         for event in self._stream(ids, sampling):
