@@ -302,21 +302,27 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
+def read_descriptor(file: Path, fmt: str, version: int, error: type[Exception], what: str) -> dict[str, Any]:
+    """A JSON file that says which format (`fmt`, `version`) its directory holds; `error` names the file."""
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise error(f"{file}: missing; {file.parent} is not {what}") from None
+    except (OSError, ValueError) as e:
+        raise error(f"{file}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise error(f"{file}: not a description of {what}")
+    if meta.get("version") != version:
+        raise error(f"{file}: format version {meta.get('version')!r} is not supported (expected {version})")
+    return meta
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """llama_jax.json, validated."""
     file = Path(path) / META_FILE
     if not Path(path).is_dir():
         raise CheckpointError(f"{path}: not a directory")
-    try:
-        meta = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing; {path} is not a (finished) llama-jax checkpoint") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: not a llama-jax checkpoint description")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{file}: format version {meta.get('version')!r} is not supported (expected {VERSION})")
+    meta = read_descriptor(file, FORMAT, VERSION, CheckpointError, "a (finished) llama-jax checkpoint")
     if meta.get("dtype") not in DTYPES:
         raise CheckpointError(f"{file}: unknown dtype {meta.get('dtype')!r}")
     if "quantization" in meta:

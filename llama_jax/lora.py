@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import checkpoint
 from .config import LlamaConfig
 from .model import Params, dense, param_shapes
 
@@ -225,16 +226,7 @@ def save(directory: str | os.PathLike, adapters: Adapters, lora: LoraConfig, con
 def read_config(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, int]]:
     """The LoRA config of an adapter directory and the model dimensions it was trained for."""
     file = Path(directory) / CONFIG_FILE
-    try:
-        meta = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise AdapterError(f"{file}: missing; {directory} is not a llama-jax adapter directory") from None
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"{file}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise AdapterError(f"{file}: not a llama-jax LoRA adapter description")
-    if meta.get("version") != VERSION:
-        raise AdapterError(f"{file}: format version {meta.get('version')!r} is not supported (expected {VERSION})")
+    meta = checkpoint.read_descriptor(file, FORMAT, VERSION, AdapterError, "a llama-jax LoRA adapter directory")
     try:
         lora = LoraConfig(rank=meta["rank"], alpha=meta["alpha"], targets=tuple(meta["targets"]))
     except (KeyError, TypeError, ValueError) as e:
