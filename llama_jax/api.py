@@ -303,6 +303,7 @@ def load(
     quantize: str | None = None,
     cache_dtype: str | None = None,
     distributed: bool | dict | None = None,
+    scan_layers: bool = False,
 ) -> LLM:
     """Load a checkpoint onto the devices and return an `LLM`.
 
@@ -319,6 +320,10 @@ def load(
     `distributed`: join a multi-host run first (llama_jax/distributed.py): True reads the
     LLAMA_JAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID variables or the cluster's own, a dict gives
     them. Every process must then make the same calls; the checkpoint must already be converted.
+    `scan_layers`: keep the layer weights stacked and run them with one `lax.scan` (compile time
+    independent of depth, the layout training needs) instead of one array per layer, unrolled
+    (the default: a scan slices, i.e. copies, every weight at every step, which costs decode
+    speed wherever weights are read from memory at each token).
     """
     from .distributed import initialize_from
     from .sources import resolve_checkpoint
@@ -347,15 +352,17 @@ def load(
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         shardings = ModelShardings(config, mesh)
     params = checkpoint.restore_params(
-        ckpt, dtype=dtype, shardings=shardings.params if shardings else None, progress=progress, quantize=quantize
+        ckpt, dtype=dtype, shardings=shardings.params if shardings else None, progress=progress, quantize=quantize,
+        stacked=scan_layers,
     )
-    if shardings is not None:  # quantized weights are (value, scale) pairs: shard the tree as restored
-        shardings = copy.copy(shardings)
-        shardings.params = quantization.param_shardings(shardings.params, params)
     if adapters is not None:
         from . import lora
 
-        params, shardings = lora.attach(params, adapters, config, merge_adapters=merge_adapters, shardings=shardings)
+        rep = shardings.replicated if shardings is not None else None
+        params = lora.attach(params, adapters, config, merge_adapters=merge_adapters, sharding=rep)
+    if shardings is not None:  # the tree as restored: quantized and LoRA weights are pytrees of arrays
+        shardings = copy.copy(shardings)
+        shardings.params = jax.tree.map(lambda a: a.sharding, params)
     tokenizer = load_tokenizer(ckpt)
     return LLM(
         config, params, tokenizer, max_slots=max_slots, max_seq_len=max_seq_len, decode_steps=decode_steps,

@@ -50,7 +50,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from llama_jax.config import ConfigError, LlamaConfig
-from llama_jax.model import LAYER_PARAMS, param_shapes
+from llama_jax.model import LAYER_PARAMS, layer_sharding, param_shapes
 from llama_jax.quantization import (
     SCALE_SUFFIX, WeightQuantization, as_weight, input_axes, qdtype, scale_shape, scale_sharding,
 )
@@ -412,27 +412,19 @@ def read_layer(path: str | os.PathLike, i: int) -> dict[str, np.ndarray]:
     return _read_host(path, i)
 
 
-def _unstacked_sharding(sharding: Any) -> Any:
-    """The sharding of one layer, given the sharding of the stacked (L, ...) array."""
-    import jax
-
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
-    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        return sharding
-    raise TypeError(f"unsupported sharding type {type(sharding).__name__}; use NamedSharding or SingleDeviceSharding")
-
-
 def restore_params(
     path: str | os.PathLike,
     dtype: str | None = None,
     shardings: Mapping[str, Any] | None = None,
     progress: bool = True,
     quantize: str | None = None,
+    stacked: bool = True,
 ) -> dict[str, Any]:
     """Restores a checkpoint onto device(s), layer by layer.
 
-    Returns {"embed", "norm", ["lm_head"], "layers": {name: (L, ...) array}}. `dtype` defaults to
+    Returns {"embed", "norm", ["lm_head"], "layers": {name: (L, ...) array}}, or with
+    `stacked=False` "layers" as a tuple of per-layer {name: array} (the layout `forward` runs
+    unrolled, model.unstack_layers); the same shardings apply. `dtype` defaults to
     the stored dtype. `shardings`, if given, has the same structure and holds a
     jax.sharding.Sharding per array (for "layers", the sharding of the stacked array); by default
     everything goes to the first device. The stacked arrays are preallocated and each layer is
@@ -472,34 +464,45 @@ def restore_params(
     for name in target_q.weights if target_q else ():
         scale = name + SCALE_SUFFIX
         stacked_sh[scale] = scale_sharding(stacked_sh[name], (n, *target_specs[scale][0]))
-    layer_sh = {k: _unstacked_sharding(s) for k, s in stacked_sh.items()}
+    layer_sh = {k: layer_sharding(s) for k, s in stacked_sh.items()}
 
     ckpt = _checkpointer()
     try:
         params: dict[str, Any] = {}
         for k, shape in gshapes.items():
             params[k] = _restore(_global_dir(root, k), ckpt, {k: (shape, stored)}, shardings)[k].astype(target)
-        stacked = jax.jit(
-            lambda: {k: jnp.zeros((n, *s), dt) for k, (s, dt) in target_specs.items()}, out_shardings=stacked_sh
-        )()
 
-        def put(stack: dict, layer: dict, i: jax.Array) -> dict:
+        def convert(layer: dict) -> dict:  # quantize and cast one layer, on device
             layer = dict(layer)
             for name in to_quantize:
                 layer[name], layer[name + SCALE_SUFFIX] = quantize_array(layer[name], input_axes(name), target_q.mode)
-            return {
-                k: jax.lax.dynamic_update_index_in_dim(stack[k], layer[k].astype(stack[k].dtype), i, axis=0)
-                for k in stack
-            }
+            return {k: layer[k].astype(dt) for k, (_, dt) in target_specs.items()}
 
-        update = jax.jit(put, donate_argnums=0, out_shardings=stacked_sh)
+        def put(stack: dict, layer: dict, i: jax.Array) -> dict:
+            layer = convert(layer)
+            return {k: jax.lax.dynamic_update_index_in_dim(stack[k], layer[k], i, axis=0) for k in stack}
+
+        if stacked:
+            out: Any = jax.jit(
+                lambda: {k: jnp.zeros((n, *s), dt) for k, (s, dt) in target_specs.items()}, out_shardings=stacked_sh
+            )()
+            update = jax.jit(put, donate_argnums=0, out_shardings=stacked_sh)
+        else:
+            out, update = [], jax.jit(convert, out_shardings=layer_sh)
         for i in tqdm(range(n), desc="restoring layers", unit="layer", disable=not progress):
             layer = _restore(_layer_dir(root, i), ckpt, stored_specs, layer_sh)
-            stacked = update(stacked, layer, jnp.int32(i))
+            if stacked:
+                out = update(out, layer, jnp.int32(i))
+            else:
+                out.append(update(layer))
             del layer
     finally:
         ckpt.close()
-    for name in target_q.weights if target_q else ():
-        stacked[name] = as_weight(stacked[name], stacked.pop(name + SCALE_SUFFIX))
-    params["layers"] = stacked
+
+    def wrap(layer: dict) -> dict:  # (value, scale) pairs as QuantizedWeights
+        for name in target_q.weights if target_q else ():
+            layer[name] = as_weight(layer[name], layer.pop(name + SCALE_SUFFIX))
+        return layer
+
+    params["layers"] = wrap(out) if stacked else tuple(wrap(layer) for layer in out)
     return params

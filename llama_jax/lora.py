@@ -23,7 +23,6 @@ On disk (`save` / `load`), an adapter directory holds:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -32,7 +31,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -143,12 +142,21 @@ class LoraWeight:
         return y + (self.scale * update).astype(y.dtype)
 
 
+def _adapt(params: Params, adapters: Adapters, fn: Callable[[Any, jax.Array, jax.Array], Any]) -> Params:
+    """Params with each adapted weight w replaced by fn(w, a, b), in either layer layout: stacked
+    (w, a, b with their layer axis) or one tree per layer (each layer's slice of a and b)."""
+    layers = params["layers"]
+    if isinstance(layers, dict):
+        return {**params, "layers": {**layers, **{n: fn(layers[n], ab["a"], ab["b"]) for n, ab in adapters.items()}}}
+    return {**params, "layers": tuple(
+        {**layer, **{n: fn(layer[n], ab["a"][i], ab["b"][i]) for n, ab in adapters.items()}}
+        for i, layer in enumerate(layers)
+    )}
+
+
 def apply(params: Params, adapters: Adapters, lora: LoraConfig) -> Params:
     """Params whose adapted weights are `LoraWeight`s: the update is computed on the fly."""
-    layers = dict(params["layers"])
-    for name, ab in adapters.items():
-        layers[name] = LoraWeight(layers[name], ab["a"], ab["b"], lora.scale)
-    return {**params, "layers": layers}
+    return _adapt(params, adapters, lambda w, a, b: LoraWeight(w, a, b, lora.scale))
 
 
 def delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
@@ -166,26 +174,19 @@ def merge(params: Params, adapters: Adapters, lora: LoraConfig, *, donate: bool 
 
     A weight that is not an array (e.g. a quantized one) cannot take the sum without being
     requantized; it keeps its adapter as a `LoraWeight`, applied on the fly."""
-    layers = dict(params["layers"])
-    for name, ab in adapters.items():
-        w = layers[name]
+    stacked = isinstance(params["layers"], dict)
+
+    def fold(w: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+        d = delta(a, b, lora.scale) if stacked else delta(a[None], b[None], lora.scale)[0]
+        return (w.astype(jnp.float32) + d).astype(w.dtype)
+
+    def merged(w: Any, a: jax.Array, b: jax.Array) -> Any:
         if not isinstance(w, jax.Array):
-            layers[name] = LoraWeight(w, ab["a"], ab["b"], lora.scale)
-            continue
+            return LoraWeight(w, a, b, lora.scale)
         # One weight per program: the float32 update of one weight is the only temporary.
-        fold = jax.jit(lambda w, a, b: (w.astype(jnp.float32) + delta(a, b, lora.scale)).astype(w.dtype),
-                       out_shardings=w.sharding, donate_argnums=(0,) if donate else ())
-        layers[name] = fold(w, ab["a"], ab["b"])
-    return {**params, "layers": layers}
+        return jax.jit(fold, out_shardings=w.sharding, donate_argnums=(0,) if donate else ())(w, a, b)
 
-
-def param_shardings(shardings: Params, adapters: Adapters, lora: LoraConfig, replicated: Any) -> Params:
-    """The sharding tree of `apply(params, adapters, ...)`, given that of `params`: each
-    `LoraWeight` keeps its base's sharding; `a` and `b` (small) are replicated."""
-    layers = dict(shardings["layers"])
-    for name in adapters:
-        layers[name] = LoraWeight(layers[name], replicated, replicated, lora.scale)
-    return {**shardings, "layers": layers}
+    return _adapt(params, adapters, merged)
 
 
 # ---------------------------------------------------------------- saving and loading
@@ -271,16 +272,10 @@ def load(directory: str | os.PathLike, config: LlamaConfig, sharding: Any = None
 
 
 def attach(params: Params, directory: str | os.PathLike, config: LlamaConfig, *, merge_adapters: bool = True,
-           shardings: Any = None) -> tuple[Params, Any]:
-    """`params` with the adapters of `directory` merged in (default) or applied on the fly, and
-    the `ModelShardings` to run them with: unchanged when merged, else a copy whose parameter
-    tree matches the `LoraWeight`s (adapters replicated)."""
-    rep = shardings.replicated if shardings is not None else None
-    adapters, lora = load(directory, config, sharding=rep)
+           sharding: Any = None) -> Params:
+    """`params` (either layer layout) with the adapters of `directory` merged in (default) or
+    applied on the fly as `LoraWeight`s; the adapters go to `sharding` (default: the first device)."""
+    adapters, lora = load(directory, config, sharding=sharding)
     if merge_adapters:
-        return merge(params, adapters, lora, donate=True), shardings
-    params = apply(params, adapters, lora)
-    if shardings is not None:
-        shardings = copy.copy(shardings)
-        shardings.params = param_shardings(shardings.params, adapters, lora, rep)
-    return params, shardings
+        return merge(params, adapters, lora, donate=True)
+    return apply(params, adapters, lora)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from .attention import AttentionImpl, attention
 from .config import LlamaConfig
+from .linear import weight_einsum
 from .quantization import dequantize_kv, quantize_kv
 from .rope import apply_rope, rope_tables
 
@@ -97,7 +98,7 @@ def dense(equation: str, x: jax.Array, w: Any) -> jax.Array:
     """x times a weight. A weight is an array, or an object with a `dense(equation, x)` method
     (quantized weights, LoRA-adapted weights) that computes the same product its own way."""
     if isinstance(w, jax.Array):
-        return jnp.einsum(equation, x, w)
+        return weight_einsum(equation, x, w)
     return w.dense(equation, x)
 
 
@@ -219,8 +220,12 @@ def forward(
 
     if remat:
         step = jax.checkpoint(step)
-    layer_ids = jnp.arange(config.n_layers)
-    (x, cache), _ = jax.lax.scan(step, (x, cache), (params["layers"], layer_ids))
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):  # one weight array per layer: unrolled, no slicing
+        for i, p in enumerate(layers):
+            (x, cache), _ = step((x, cache), (p, jnp.int32(i)))
+    else:
+        (x, cache), _ = jax.lax.scan(step, (x, cache), (layers, jnp.arange(config.n_layers)))
 
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # (B, D)
@@ -230,6 +235,26 @@ def forward(
     else:
         logits = jnp.einsum("...d,dv->...v", x, params["lm_head"], preferred_element_type=jnp.float32)
     return logits, cache
+
+
+def layer_sharding(sharding: Any) -> Any:
+    """The sharding of one layer, given the sharding of the stacked (L, ...) array."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    raise TypeError(f"unsupported sharding type {type(sharding).__name__}; use NamedSharding or SingleDeviceSharding")
+
+
+def unstack_layers(layers: Any, n_layers: int) -> tuple:
+    """Stacked layer weights (a tree of (L, ...) arrays, quantized or LoRA weights included) as a
+    tuple of `n_layers` per-layer trees, each array keeping its sharding less the layer axis."""
+    leaves, treedef = jax.tree.flatten(layers)
+    columns = []
+    for leaf in leaves:
+        take = jax.jit(lambda a, i: a[i], out_shardings=layer_sharding(leaf.sharding))
+        columns.append([take(leaf, i) for i in range(n_layers)])
+    return tuple(treedef.unflatten([c[i] for c in columns]) for i in range(n_layers))
 
 
 class Llama(nnx.Module):

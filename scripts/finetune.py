@@ -363,7 +363,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = lambda s: print
     log(f"{args.data}: {len(examples)} dialogs, {sum(len(e.tokens) for e in examples)} tokens, {n_targets} to learn")
     # A small inference cache only: the engine is not used, the parameters are.
     llm = llama_jax.load(ckpt, dtype=args.dtype, max_slots=dp, max_seq_len=16, mesh=mesh,
-                         progress=not args.no_progress, quantize=args.quantize)
+                         progress=not args.no_progress, quantize=args.quantize, scan_layers=True)
     config = llm.config
     shardings = ModelShardings(config, mesh)
     # Quantized weights are (value, scale) pytrees: shard them as the loader did.

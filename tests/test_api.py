@@ -2,6 +2,7 @@
 stop conditions and argument validation."""
 
 import jax
+import numpy as np
 import pytest
 import torch
 
@@ -54,6 +55,18 @@ def test_batch_equals_alone_and_stream_equals_whole(llm):
         assert "".join(e.text for e in events) == out.text
         assert [t for e in events for t in e.token_ids] == out.token_ids
         assert events[-1].finish_reason == "length"
+
+
+def test_scanned_layers_generate_the_same(llm, smol_checkpoint):
+    """load(scan_layers=True) keeps the weights stacked under one lax.scan: same tokens and logits."""
+    assert isinstance(llm.params["layers"], tuple) and len(llm.params["layers"]) == llm.config.n_layers
+    scanned = llama_jax.load(smol_checkpoint, dtype="float32", max_slots=1, max_seq_len=128, progress=False,
+                             scan_layers=True)
+    assert isinstance(scanned.params["layers"], dict) and scanned.params["layers"]["wq"].shape[0] == 30
+    greedy = SamplingParams.greedy(max_tokens=16, ignore_eos=True)
+    prompt = _chat_ids(llm, PROMPTS[0])
+    assert scanned.generate(prompt, greedy).token_ids == llm.generate(prompt, greedy).token_ids
+    np.testing.assert_allclose(scanned.logits([prompt]), llm.logits([prompt]), rtol=1e-4, atol=1e-4)
 
 
 def test_per_prompt_sampling_and_seeds(llm):

@@ -142,6 +142,11 @@ def test_restore_params_stacks_layers_and_casts(tmp_path: Path) -> None:
             assert v.dtype == np.float32 and v.shape == (TINY.n_layers, *ck.layer_shapes(TINY)[k])
             np.testing.assert_array_equal(np.asarray(v[i]), layer[k].astype(np.float32))
     assert ck.restore_params(dst, progress=False)["embed"].dtype == ml_dtypes.bfloat16
+    per_layer = ck.restore_params(dst, dtype="float32", progress=False, stacked=False)["layers"]
+    assert len(per_layer) == TINY.n_layers
+    for i, layer in enumerate(per_layer):
+        for k, v in layer.items():
+            np.testing.assert_array_equal(v, params["layers"][k][i])
 
 
 def test_restore_params_with_shardings(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ from flax import nnx
 
 from llama_jax.attention import attention_reference
 from llama_jax.config import LlamaConfig, RopeScaling
-from llama_jax.model import LOGICAL_AXES, KVCache, Llama, forward, param_shapes
+from llama_jax.linear import weight_einsum
+from llama_jax.model import LOGICAL_AXES, KVCache, Llama, forward, param_shapes, unstack_layers
+from llama_jax.quantization import quantize_params
 from llama_jax.rope import inv_frequencies
 
 
@@ -83,6 +85,46 @@ def test_cached_decode_equals_full_recompute(preset):
         logits, cache = step(params, tokens[:, i : i + 1], positions[:, i : i + 1], cache)
         pieces.append(logits)
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_unrolled_layers_equal_the_scan(quantize):
+    """One array per layer (Python loop) gives the scan's logits and cache, prefill and decode."""
+    config, params = _tiny("tiny-8kv")
+    if quantize:
+        params = quantize_params(params, quantize)
+    unrolled = {**params, "layers": unstack_layers(params["layers"], config.n_layers)}
+    assert len(unrolled["layers"]) == config.n_layers
+    np.testing.assert_array_equal(
+        jax.tree.leaves(unrolled["layers"][1])[0], jax.tree.leaves(params["layers"])[0][1]
+    )
+    rng = np.random.default_rng(3)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 7)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(7, dtype=jnp.int32), (2, 7))
+    results = []
+    for p in (params, unrolled):
+        cache = KVCache.zeros(config, 2, 16, jnp.float32)
+        prefill, cache = forward(p, config, tokens[:, :6], positions[:, :6], cache)
+        step, cache = forward(p, config, tokens[:, 6:], positions[:, 6:], cache, logits_at=jnp.zeros(2, jnp.int32))
+        results.append((prefill, step, cache.k, cache.v))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("equation, x_shape, w_shape", [
+    ("btd,dnh->btnh", (2, 3, 8), (8, 4, 5)),
+    ("btnh,nhd->btd", (2, 3, 4, 5), (4, 5, 8)),
+    ("btf,fd->btd", (1, 1, 6), (6, 8)),
+    ("...d,vd->...v", (2, 8), (11, 8)),  # not weight-first: plain einsum
+    ("btd,dnh->bnth", (2, 3, 8), (8, 4, 5)),  # output reordered: plain einsum
+])
+def test_weight_einsum_equals_einsum(equation, x_shape, w_shape):
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal(x_shape, np.float32), rng.standard_normal(w_shape, np.float32)
+    want = np.einsum(equation, x.astype(np.float64), w.astype(np.float64))
+    got = weight_einsum(equation, jnp.asarray(x), jnp.asarray(w), preferred_element_type=jnp.float32)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_rows_windows_and_logits_at():

@@ -167,6 +167,12 @@ def test_convert_quantized_equals_quantizing_at_load(hf_dir: Path, tmp_path: Pat
         assert isinstance(a["layers"][name], q.QuantizedWeight) and a["layers"][name].value.dtype == jnp.int8
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+    # One tree per layer (the unrolled layout load() uses): the same weights, split.
+    per_layer = ck.restore_params(plain, progress=False, quantize="int8", stacked=False)["layers"]
+    assert len(per_layer) == 2 and isinstance(per_layer[1]["wq"], q.QuantizedWeight)
+    for name in q.QUANTIZABLE:
+        for field in ("value", "scale"):
+            np.testing.assert_array_equal(getattr(per_layer[1][name], field), getattr(b["layers"][name], field)[1])
     # fp8 on top of int8 is refused; int8 again is what is stored.
     with pytest.raises(ck.CheckpointError, match="already quantized as int8"):
         ck.restore_params(stored, progress=False, quantize="fp8")
@@ -321,7 +327,7 @@ def test_tp8_quantized_weights_and_int8_cache(tmp_path: Path) -> None:
         ref = greedy(engine(checkpoint.restore_params(path, progress=False, quantize="int8"), None), config)
         sh = ModelShardings(config, make_mesh("tp=8"))
         params = checkpoint.restore_params(path, shardings=sh.params, progress=False, quantize="int8")
-        sh.params = quantization.param_shardings(sh.params, params)  # as llama_jax.load does
+        sh.params = quantization.param_shardings(sh.params, params)  # (value, scale) pairs
         check_shardings(params, sh.params, "restored")
         wq, wo = params["layers"]["wq"], params["layers"]["wo"]
         specs = {{k: str(getattr(params["layers"][k[:2]], k[3:]).sharding.spec)
@@ -375,7 +381,7 @@ def test_demo_model_kl_divergence(smol_checkpoint: Path) -> None:
              "int8 cache": kl(logits(config, params, tokens, jnp.int8))}
     llm = llama_jax.load(smol_checkpoint, dtype="float32", quantize="int8", cache_dtype="int8", max_slots=1,
                          max_seq_len=64, compilation_cache=False, progress=False)
-    assert isinstance(llm.params["layers"]["w_down"], q.QuantizedWeight) and llm.engine.cache.k.dtype == jnp.int8
+    assert isinstance(llm.params["layers"][0]["w_down"], q.QuantizedWeight) and llm.engine.cache.k.dtype == jnp.int8
     stats["int8"] = kl(llm.logits(tokens))
     assert stats["int8"][0] < 0.01 and stats["fp8"][0] < 0.05 and stats["int8 cache"][0] < 0.005, stats
     assert stats["int8"][1] >= 0.9 and stats["fp8"][1] >= 0.85 and stats["int8 cache"][1] >= 0.95, stats
