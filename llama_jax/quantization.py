@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from .linear import weight_einsum
+
 MODES = ("int8", "fp8")
 _QDTYPE = {"int8": np.dtype(np.int8), "fp8": np.dtype(ml_dtypes.float8_e4m3fn)}
 _QMAX = {"int8": 127.0, "fp8": float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)}  # 448 for e4m3fn
@@ -143,10 +145,10 @@ class QuantizedWeight:
         x_sub, w_sub = inputs.split(",")
         if self.fp8_matmul and self.value.dtype == _QDTYPE["fp8"]:
             xq, x_scale = quantize(x, tuple(i for i, c in enumerate(x_sub) if c not in out), "fp8")
-            y = jnp.einsum(equation, xq, self.value, preferred_element_type=jnp.float32)
+            y = weight_einsum(equation, xq, self.value, preferred_element_type=jnp.float32)
             y = y * _on_output(x_scale, x_sub, out)
         else:
-            y = jnp.einsum(equation, x, self.value.astype(x.dtype), preferred_element_type=jnp.float32)
+            y = weight_einsum(equation, x, self.value.astype(x.dtype), preferred_element_type=jnp.float32)
         return (y * _on_output(self.scale, w_sub, out)).astype(x.dtype)
 
 
