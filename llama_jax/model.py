@@ -246,13 +246,17 @@ def layer_sharding(sharding: Any) -> Any:
     raise TypeError(f"unsupported sharding type {type(sharding).__name__}; use NamedSharding or SingleDeviceSharding")
 
 
+def _take_layer(a: jax.Array, i: jax.Array) -> jax.Array:
+    return a[i]
+
+
 def unstack_layers(layers: Any, n_layers: int) -> tuple:
     """Stacked layer weights (a tree of (L, ...) arrays, quantized or LoRA weights included) as a
     tuple of `n_layers` per-layer trees, each array keeping its sharding less the layer axis."""
     leaves, treedef = jax.tree.flatten(layers)
     columns = []
-    for leaf in leaves:
-        take = jax.jit(lambda a, i: a[i], out_shardings=layer_sharding(leaf.sharding))
+    for leaf in leaves:  # one traced function for all leaves; only the output sharding differs
+        take = jax.jit(_take_layer, out_shardings=layer_sharding(leaf.sharding))
         columns.append([take(leaf, i) for i in range(n_layers)])
     return tuple(treedef.unflatten([c[i] for c in columns]) for i in range(n_layers))
 
