@@ -1,7 +1,8 @@
 """The inference engine: fixed decode slots over one KV cache, with jitted, bucketed steps.
 
-- Prefill runs one prompt into one slot, padded to a length bucket (chunked past the largest
-  bucket), so a new prompt length never compiles a new program.
+- Prefill runs prompts into slots, padded to a length bucket (chunked past the largest bucket)
+  and a power-of-two number of rows, so a new prompt length or count never compiles a new
+  program. Prompts admitted together share one call per length bucket.
 - Decode advances every slot by `decode_steps` tokens in one dispatch (a scan inside jit).
 - Attention reads only the first `kv_window` cache slots, a power-of-two bucket that covers the
   longest live sequence, so short sequences do not pay for the full context.
@@ -13,6 +14,7 @@ The engine knows nothing of text or requests: `scheduler.py` drives it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -22,15 +24,27 @@ import numpy as np
 from .attention import AttentionImpl
 from .config import LlamaConfig
 from .model import KVCache, Params, forward
-from .sampling import MAX_TOP_LOGPROBS, SamplerState, SamplingParams, record, row_values, sample, set_row, token_logprobs
+from .sampling import (
+    MAX_TOP_LOGPROBS, SamplerState, SamplingParams, record, record_rows, row_values, sample, set_rows, token_logprobs,
+)
 
 DEFAULT_PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
 MIN_KV_WINDOW = 128
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefillJob:
+    """One prompt to prefill into a free slot, with its sampling parameters and seed."""
+
+    slot: int
+    prompt: list[int]
+    sampling: SamplingParams
+    seed: int
+
+
 @dataclasses.dataclass
 class StepOutput:
-    """Tokens of one engine call, host-side. Shapes: (steps, slots) for decode, (1, 1) for prefill."""
+    """Tokens of one engine call, host-side. Shapes: (steps, slots) for decode, (1, prompts) for prefill."""
 
     tokens: np.ndarray
     logprobs: np.ndarray | None = None  # chosen-token log-probabilities
@@ -82,7 +96,10 @@ class Engine:
         decode_sh: dict[str, Any] = {}
         release_sh: dict[str, Any] = {}
         if shardings is None:
-            self.cache, self.sampler, self.tokens, self.positions = state()
+            # Committed to the device like every step's outputs: the first call then compiles the
+            # same program as all later ones (an uncommitted argument is a different program).
+            device = jax.devices()[0]
+            self.cache, self.sampler, self.tokens, self.positions = jax.device_put(state(), device)
         else:
             if max_slots % shardings.dp:
                 raise ValueError(f"max_slots ({max_slots}) must be a multiple of the mesh's dp size ({shardings.dp})")
@@ -111,20 +128,21 @@ class Engine:
 
     # ---- jitted bodies ----
     # Static arguments are positional: jit takes no keyword arguments once in_shardings are given.
-    def _prefill_fn(self, params, cache, sampler, tokens, start, length, slot, values, seen, kv_window, want_lp):
-        """One chunk of one prompt: tokens (1, T) at positions start..start+T-1, `length` real."""
+    def _prefill_fn(self, params, cache, sampler, tokens, start, length, slots, values, seen, kv_window, want_lp):
+        """One chunk of N prompts: row i's tokens (N, T) at positions start[i]..start[i]+T-1,
+        length[i] of them real, into slot slots[i]. Padding rows (slot == max_slots, length 0)
+        write nothing: their positions are parked past the cache and their sampler rows dropped."""
         t = tokens.shape[1]
-        idx = jnp.arange(t, dtype=jnp.int32)
-        positions = jnp.where(idx < length, start + idx, self._parked)[None]
-        rows = slot[None]
+        idx = jnp.arange(t, dtype=jnp.int32)[None]
+        positions = jnp.where(idx < length[:, None], start[:, None] + idx, self._parked)
+        rows = jnp.minimum(slots, self.max_slots - 1)  # padding rows read some real row
         logits, cache = forward(
-            params, self.config, tokens, positions, cache, logits_at=(length - 1)[None],
+            params, self.config, tokens, positions, cache, logits_at=jnp.maximum(length - 1, 0),
             cache_rows=rows, kv_window=kv_window, attention_impl=self.attention_impl,
         )
-        sampler = set_row(sampler, slot, values, seen)
-        row_state = jax.tree.map(lambda a: a[rows], sampler)
-        token = sample(logits, row_state, (start + length)[None])
-        sampler = record_row(sampler, slot, token[0])
+        sampler = set_rows(sampler, slots, values, seen)
+        token = sample(logits, jax.tree.map(lambda a: a[rows], sampler), start + length)
+        sampler = record_rows(sampler, slots, token)
         out = (token,) + (token_logprobs(logits, token, MAX_TOP_LOGPROBS) if want_lp else ())
         return cache, sampler, out
 
@@ -167,34 +185,68 @@ class Engine:
 
     def prefill(self, slot: int, prompt: list[int], sampling: SamplingParams, seed: int) -> StepOutput:
         """Fill `slot` with `prompt` and sample its first token."""
-        if self.slot_pos[slot] is not None:
-            raise RuntimeError(f"slot {slot} is busy")
-        n = len(prompt)
-        if not 0 < n < self.max_seq_len:
-            raise ValueError(f"prompt length {n} must be in [1, {self.max_seq_len - 1}]")
-        values = {k: jnp.asarray(v) for k, v in row_values(sampling, seed).items()}
-        seen = np.zeros((self.config.vocab_size,), bool)  # prompt tokens, for the repetition penalty
-        seen[np.asarray(prompt)] = True
-        seen = jnp.asarray(seen)
+        return self.prefill_many([PrefillJob(slot, prompt, sampling, seed)])
+
+    def prefill_many(self, jobs: Sequence[PrefillJob]) -> StepOutput:
+        """Fill each job's slot with its prompt and sample its first token (column i: job i).
+
+        A prompt's chunks before its last run alone; the last chunks of all prompts run together,
+        one call per length bucket, so a short prompt is never padded to a long one's bucket."""
+        if not jobs:
+            raise ValueError("no prompts to prefill")
+        slots = [j.slot for j in jobs]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"two prompts for one slot: {slots}")
+        for j in jobs:
+            if not 0 <= j.slot < self.max_slots:
+                raise ValueError(f"slot {j.slot} is outside [0, {self.max_slots})")
+            if self.slot_pos[j.slot] is not None:
+                raise RuntimeError(f"slot {j.slot} is busy")
+            if not 0 < len(j.prompt) < self.max_seq_len:
+                raise ValueError(f"prompt length {len(j.prompt)} must be in [1, {self.max_seq_len - 1}]")
         chunk = self.prefill_buckets[-1]
-        out = None
-        for start in range(0, n, chunk):
-            piece = prompt[start : start + chunk]
-            bucket = self.bucket_for(len(piece))
-            tokens = np.zeros((1, bucket), np.int32)
-            tokens[0, : len(piece)] = piece
-            last = start + len(piece) == n
-            self.cache, self.sampler, out = self._prefill(
-                self.params, self.cache, self.sampler, jnp.asarray(tokens), jnp.int32(start),
-                jnp.int32(len(piece)), jnp.int32(slot), values, seen,
-                self.kv_window_for(start + bucket), last and sampling.logprobs,
-            )
-        assert out is not None
-        first = out[0]
-        self.tokens = self.tokens.at[slot].set(first[0])
-        self.positions = self.positions.at[slot].set(n)
-        self.slot_pos[slot] = n
-        return _host_output(out, (1, 1))
+        groups: dict[int, list[tuple[int, int]]] = {}  # length bucket -> [(job index, start)]
+        for i, j in enumerate(jobs):
+            last = (len(j.prompt) - 1) // chunk * chunk
+            for start in range(0, last, chunk):
+                self._prefill_chunk([(j, start)], chunk, want_lp=False)
+            groups.setdefault(self.bucket_for(len(j.prompt) - last), []).append((i, last))
+        lp = any(j.sampling.logprobs for j in jobs)
+        columns: list[StepOutput | None] = [None] * len(jobs)
+        for bucket, members in groups.items():
+            out = self._prefill_chunk([(jobs[i], start) for i, start in members], bucket, want_lp=lp)
+            for c, (i, _) in enumerate(members):
+                columns[i] = _column(out, c)
+        firsts = np.array([int(c.tokens[0, 0]) for c in columns], np.int32)
+        index = jnp.asarray(np.array(slots, np.int32))
+        self.tokens = self.tokens.at[index].set(jnp.asarray(firsts))
+        self.positions = self.positions.at[index].set(jnp.asarray(np.array([len(j.prompt) for j in jobs], np.int32)))
+        for j in jobs:
+            self.slot_pos[j.slot] = len(j.prompt)
+        return _stack_columns(columns)
+
+    def _prefill_chunk(self, pieces: list[tuple[PrefillJob, int]], bucket: int, want_lp: bool) -> StepOutput:
+        """Run prompt chunks job.prompt[start : start + bucket] of several jobs in one call."""
+        n = 1 << (len(pieces) - 1).bit_length()  # rows padded to a power of two
+        vocab = self.config.vocab_size
+        tokens = np.zeros((n, bucket), np.int32)
+        start = np.zeros((n,), np.int32)
+        length = np.zeros((n,), np.int32)
+        slots = np.full((n,), self.max_slots, np.int32)
+        seen = np.zeros((n, vocab), bool)  # prompt tokens, for the repetition penalty
+        rows = [row_values(j.sampling, j.seed) for j, _ in pieces]
+        rows += [rows[0]] * (n - len(pieces))
+        for r, (j, s) in enumerate(pieces):
+            piece = j.prompt[s : s + bucket]
+            tokens[r, : len(piece)] = piece
+            start[r], length[r], slots[r] = s, len(piece), j.slot
+            seen[r, np.asarray(j.prompt)] = True
+        values = {k: jnp.asarray(np.stack([v[k] for v in rows])) for k in rows[0]}
+        self.cache, self.sampler, out = self._prefill(
+            self.params, self.cache, self.sampler, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(length),
+            jnp.asarray(slots), values, jnp.asarray(seen), self.kv_window_for(int(start.max()) + bucket), want_lp,
+        )
+        return _host_output(out, (1, n))
 
     def decode(self, want_logprobs: bool = False, steps: int | None = None) -> StepOutput:
         """Advance every slot by `steps` tokens; free slots compute too but write nothing."""
@@ -216,14 +268,6 @@ class Engine:
         self.positions, self.sampler = self._release(self.positions, self.sampler, jnp.int32(slot))
 
 
-def record_row(sampler: SamplerState, slot: jax.Array, token: jax.Array) -> SamplerState:
-    return dataclasses.replace(
-        sampler,
-        output_counts=sampler.output_counts.at[slot, token].add(1),
-        seen=sampler.seen.at[slot, token].set(True),
-    )
-
-
 def _host_output(out: tuple, shape: tuple[int, int]) -> StepOutput:
     host = jax.device_get(out)
     tokens = np.asarray(host[0]).reshape(shape)
@@ -237,3 +281,16 @@ def _host_output(out: tuple, shape: tuple[int, int]) -> StepOutput:
         np.asarray(top_ids).reshape(shape + (MAX_TOP_LOGPROBS,)),
     )
 
+
+
+def _column(out: StepOutput, c: int) -> StepOutput:
+    pick = lambda a: None if a is None else a[:, c : c + 1]  # noqa: E731
+    return StepOutput(pick(out.tokens), pick(out.logprobs), pick(out.top_logprobs), pick(out.top_ids))
+
+
+def _stack_columns(columns: Sequence[StepOutput]) -> StepOutput:
+    tokens = np.concatenate([c.tokens for c in columns], axis=1)
+    if columns[0].logprobs is None:
+        return StepOutput(tokens)
+    cat = lambda name: np.concatenate([getattr(c, name) for c in columns], axis=1)  # noqa: E731
+    return StepOutput(tokens, cat("logprobs"), cat("top_logprobs"), cat("top_ids"))

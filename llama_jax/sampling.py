@@ -115,24 +115,29 @@ def row_values(p: SamplingParams, seed: int) -> dict[str, np.ndarray]:
     )
 
 
-def set_row(state: SamplerState, row: jax.Array, values: dict[str, jax.Array], seen_row: jax.Array) -> SamplerState:
-    """Reset row `row` for a new request; `seen_row` (V,) bool marks the prompt's tokens."""
-    fields = {k: getattr(state, k).at[row].set(v) for k, v in values.items()}
+def set_rows(state: SamplerState, rows: jax.Array, values: dict[str, jax.Array], seen: jax.Array) -> SamplerState:
+    """Reset rows `rows` (N,) for new requests: `values` holds (N,) fields, `seen` (N, V) bool marks
+    each prompt's tokens. Rows past the state's batch are dropped (padding)."""
+    fields = {k: getattr(state, k).at[rows].set(v, mode="drop") for k, v in values.items()}
     return dataclasses.replace(
         state, **fields,
-        output_counts=state.output_counts.at[row].set(0),
-        seen=state.seen.at[row].set(seen_row),
+        output_counts=state.output_counts.at[rows].set(0, mode="drop"),
+        seen=state.seen.at[rows].set(seen, mode="drop"),
+    )
+
+
+def record_rows(state: SamplerState, rows: jax.Array, tokens: jax.Array) -> SamplerState:
+    """Count the tokens (N,) just generated for rows `rows` (N,); rows past the batch are dropped."""
+    return dataclasses.replace(
+        state,
+        output_counts=state.output_counts.at[rows, tokens].add(1, mode="drop"),
+        seen=state.seen.at[rows, tokens].set(True, mode="drop"),
     )
 
 
 def record(state: SamplerState, tokens: jax.Array) -> SamplerState:
-    """Count the tokens (B,) just generated."""
-    rows = jnp.arange(tokens.shape[0])
-    return dataclasses.replace(
-        state,
-        output_counts=state.output_counts.at[rows, tokens].add(1),
-        seen=state.seen.at[rows, tokens].set(True),
-    )
+    """Count the tokens (B,) just generated, one per row."""
+    return record_rows(state, jnp.arange(tokens.shape[0]), tokens)
 
 
 def _penalise(logits: jax.Array, s: SamplerState) -> jax.Array:

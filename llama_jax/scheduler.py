@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .engine import Engine, StepOutput
+from .engine import Engine, PrefillJob, StepOutput
 from .sampling import SamplingParams, seeds_for
 from .tokenizer import IncrementalDecoder, Tokenizer
 
@@ -163,17 +163,19 @@ class Scheduler:
                 self._finish(req, "cancelled", events, [], "", None)
 
     def _admit(self, events: list[Event]) -> bool:
-        """Prefill waiting requests into free slots, handing out each one's events at once (they
-        are also appended to `events`); whether any was admitted."""
+        """Prefill waiting requests into free slots, all in one engine call, and hand out each
+        one's first events at once (they are also appended to `events`); whether any was admitted."""
         free = self.engine.free_slots()
-        admitted = False
-        while free:
-            with self._lock:
-                if not self.waiting:
-                    break
-                req = self.waiting.popleft()
-            admitted = True
-            (seed,) = seeds_for([req.sampling], self._rng)
+        taken: list[Request] = []
+        with self._lock:
+            while self.waiting and len(taken) < len(free):
+                taken.append(self.waiting.popleft())
+        if not taken:
+            return False
+        jobs: list[PrefillJob] = []
+        owners: list[Request] = []
+        seeds = seeds_for([r.sampling for r in taken], self._rng)
+        for req, seed in zip(taken, seeds):
             self._by_id[req.id] = req
             self._text[req.id] = (IncrementalDecoder(self.tokenizer), _StopText(req.sampling.stop))
             if req.sampling.max_tokens == 0:
@@ -182,15 +184,17 @@ class Scheduler:
                 self._dispatch(done)
                 events.extend(done)
                 continue
-            slot = free.pop(0)
-            out = self.engine.prefill(slot, req.prompt, req.sampling, seed)
-            req.slot = slot
-            self.running[slot] = req
-            # Hand the first token out now, not after the other admissions' prefills.
-            first = self._consume(req, out, 0)
-            self._dispatch(first)
-            events.extend(first)
-        return admitted
+            req.slot = free[len(jobs)]
+            jobs.append(PrefillJob(req.slot, req.prompt, req.sampling, seed))
+            owners.append(req)
+        if jobs:
+            out = self.engine.prefill_many(jobs)
+            for column, req in enumerate(owners):
+                self.running[req.slot] = req
+                first = self._consume(req, out, column)
+                self._dispatch(first)
+                events.extend(first)
+        return True
 
     def _consume(self, req: Request, out: StepOutput, column: int) -> list[Event]:
         """Hand out the tokens in column `column` of `out` to `req`, stopping where it finishes."""

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from llama_jax.config import LlamaConfig
-from llama_jax.engine import Engine
+from llama_jax.engine import Engine, PrefillJob
 from llama_jax.model import KVCache, Llama, forward
 from llama_jax.sampling import SamplingParams
 
@@ -116,3 +116,56 @@ def test_prefill_validates(tiny):
     engine.prefill(0, [1, 2], GREEDY, 0)
     with pytest.raises(RuntimeError, match="busy"):
         engine.prefill(0, [1, 2], GREEDY, 0)
+
+
+def _prefill_and_decode(engine, jobs, running=()):
+    """Prefill `jobs` together, decode 6 steps; tokens of the jobs' slots and of the `running`
+    slots (prefilled before), and the prefill output. Releases every slot."""
+    out = engine.prefill_many(jobs) if jobs else None
+    step = engine.decode(steps=6)
+    tokens = {j.slot: [int(out.tokens[0, c])] + step.tokens[:, j.slot].tolist() for c, j in enumerate(jobs)}
+    tokens.update({slot: step.tokens[:, slot].tolist() for slot in running})
+    for slot in [j.slot for j in jobs] + list(running):
+        engine.release(slot)
+    return tokens, out
+
+
+def test_prefill_many_equals_one_at_a_time(tiny):
+    """Prompts admitted together (bucket 8: three rows padded to four, one of them the tail of a
+    prompt chunked past the largest bucket; bucket 16: one row) give the tokens and
+    log-probabilities of prompts prefilled alone, greedy and seeded sampling with penalties mixed,
+    and leave a sequence already running in the last slot (the one padding rows read) undisturbed."""
+    prompts = _prompts(tiny[0].vocab_size, [5, 7, 37, 12, 9], seed=5)
+    samplings = [
+        SamplingParams.greedy(logprobs=True, top_logprobs=3),
+        SamplingParams(temperature=0.9, top_p=0.9, repetition_penalty=1.3, logprobs=True, top_logprobs=3),
+        SamplingParams(temperature=1.2, top_k=20, presence_penalty=0.5, logprobs=True, top_logprobs=3),
+        SamplingParams(temperature=0.7, min_p=0.05),
+    ]
+    jobs = [PrefillJob(slot, p, sp, 100 + slot) for slot, (p, sp) in enumerate(zip(prompts, samplings))]
+    engine = _engine(tiny, max_slots=6)
+    last = 5
+    running = SamplingParams(temperature=1.0, frequency_penalty=0.7)
+    engine.prefill(last, prompts[4], running, 7)
+    together, out = _prefill_and_decode(engine, jobs, running=[last])
+    assert out.tokens.shape == (1, 4) and out.top_ids.shape == (1, 4, 20)
+    engine.prefill(last, prompts[4], running, 7)
+    assert together[last] == _prefill_and_decode(engine, [], running=[last])[0][last]
+    for c, job in enumerate(jobs):
+        alone, one = _prefill_and_decode(engine, [PrefillJob(4, job.prompt, job.sampling, job.seed)])
+        assert together[job.slot] == alone[4]
+        if not job.sampling.logprobs:
+            continue
+        np.testing.assert_allclose(out.logprobs[0, c], one.logprobs[0, 0], rtol=1e-5, atol=1e-6)
+        assert out.top_ids[0, c].tolist() == one.top_ids[0, 0].tolist()
+
+
+def test_prefill_many_validates(tiny):
+    engine = _engine(tiny)
+    with pytest.raises(ValueError, match="no prompts"):
+        engine.prefill_many([])
+    with pytest.raises(ValueError, match="two prompts for one slot"):
+        engine.prefill_many([PrefillJob(1, [1], GREEDY, 0), PrefillJob(1, [2], GREEDY, 0)])
+    with pytest.raises(ValueError, match="outside"):
+        engine.prefill_many([PrefillJob(0, [1], GREEDY, 0), PrefillJob(4, [1], GREEDY, 0)])
+    assert engine.free_slots() == [0, 1, 2, 3]  # nothing was written

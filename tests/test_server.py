@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from llama_jax.api import LLM
 from llama_jax.config import LlamaConfig
-from llama_jax.engine import StepOutput
+from llama_jax.engine import PrefillJob, StepOutput
 from llama_jax.model import param_shapes
 from llama_jax.sampling import MAX_TOP_LOGPROBS
 from llama_jax.scheduler import Scheduler
@@ -101,10 +101,11 @@ class ScriptedEngine:
         top_ids = np.repeat(tokens[..., None], MAX_TOP_LOGPROBS, axis=-1)
         return StepOutput(tokens, np.full(tokens.shape, -0.5), np.full(top_ids.shape, -0.5), top_ids)
 
-    def prefill(self, slot: int, prompt: list[int], sampling: Any, seed: int) -> StepOutput:
+    def prefill_many(self, jobs: list[PrefillJob]) -> StepOutput:
         seq = [*self.script, self.eot]
-        self._left[slot] = seq[1:]
-        return self._output(np.array([[seq[0]]]), sampling.logprobs)
+        for job in jobs:
+            self._left[job.slot] = seq[1:]
+        return self._output(np.full((1, len(jobs)), seq[0]), any(j.sampling.logprobs for j in jobs))
 
     def decode(self, want_logprobs: bool = False, steps: int | None = None) -> StepOutput:
         time.sleep(self.delay)
