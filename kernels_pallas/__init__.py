@@ -3,6 +3,8 @@
 `attention` follows the contract of `llama_jax.attention.attention`: q (B, T, H, D), the whole
 KV cache k, v (B, S, K, D) with the new tokens written, q_positions (B, T) with consecutive
 positions per row. Kernels run in Pallas interpret mode unless the default backend is a GPU.
+`flash_attention_mgpu` is a Hopper-only (Mosaic GPU) variant of `flash_attention`; `attention`
+does not dispatch to it.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import jax
 
 from kernels_pallas.decode_attention import decode_attention
 from kernels_pallas.flash_attention import flash_attention
+from kernels_pallas.flash_attention_mgpu import flash_attention_mgpu
 
-__all__ = ["attention", "decode_attention", "flash_attention"]
+__all__ = ["attention", "decode_attention", "flash_attention", "flash_attention_mgpu"]
 
 
 def attention(

@@ -3,6 +3,7 @@
 Prefill (causal, prompt from position 0) at 1k/4k/16k/32k tokens and decode (one token per
 sequence) at batch 1/8/64 over 1k-128k cached tokens, for:
   pallas        our kernels through `kernels_pallas.attention`
+  ours-mgpu     our Mosaic GPU (Hopper) prefill kernel `kernels_pallas.flash_attention_mgpu`
   xla           `llama_jax.attention.attention_reference` compiled by XLA
   cudnn         `jax.nn.dot_product_attention(implementation="cudnn")`
   jax-pallas    JAX's bundled Pallas GPU ops (`ops.gpu.attention.mha`, `ops.gpu.decode_attention.gqa`)
@@ -117,6 +118,16 @@ def _pallas(q, k, v, positions, settings):
     return fn, (q, k, v, positions)
 
 
+def _pallas_mgpu(q, k, v, positions, settings):
+    if settings.interpret:  # every warpgroup of every block simulated: ~40 s a call at smoke size
+        raise Skip("Mosaic GPU interpret mode is too slow to time; tests/test_kernels_mgpu.py checks it")
+
+    def prefill(q, k, v, offsets):
+        return kernels_pallas.flash_attention_mgpu(q, k, v, offsets, interpret=settings.interpret)
+
+    return jax.jit(prefill), (q, k, v, positions[:, 0])
+
+
 def _xla(q, k, v, positions, settings):
     scores_bytes = 10 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[1]  # f32 scores, f32 probs, bf16 probs
     if settings.memory_bytes and scores_bytes > 0.6 * settings.memory_bytes:
@@ -177,6 +188,7 @@ def _jax_pallas_decode(q, k, v, positions, settings):
 
 PREFILL_IMPLS: dict[str, Builder] = {
     "pallas": _pallas,
+    "ours-mgpu": _pallas_mgpu,
     "xla": _xla,
     "cudnn": _cudnn,
     "jax-pallas": _jax_pallas_prefill,
