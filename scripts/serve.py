@@ -56,19 +56,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def warm_up(llm: object) -> float:
-    """Compile the programs short requests use before clients wait on them: the two smallest
-    prompt buckets (chat prompts with their headers usually land in the second), and prefill of
-    every power-of-two number of prompts admitted together (a burst) in the smallest bucket."""
+    """Compile the programs short requests use before clients wait on them: prefill in the two
+    smallest prompt buckets (chat prompts with their headers usually land in the second), for one
+    prompt and for every power-of-two number of prompts admitted together (a burst), and decode."""
     from llama_jax.sampling import SamplingParams
 
     start = time.perf_counter()
     engine = llm.engine  # type: ignore[attr-defined]
     sampling = SamplingParams.greedy(max_tokens=2 * engine.decode_steps)
-    first, second = (engine.prefill_buckets + engine.prefill_buckets)[:2]
-    prompts = [[1] * max(1, min(n, engine.max_seq_len - 2 * engine.decode_steps)) for n in (first, second)]
-    llm.generate(prompts, sampling)  # type: ignore[attr-defined]
-    for rows in range(1, (engine.max_slots - 1).bit_length() + 1):  # bursts padded to 2, 4, ... rows
-        llm.generate([prompts[0]] * min(2**rows, engine.max_slots), sampling)  # type: ignore[attr-defined]
+    bursts = [1] + [min(2**r, engine.max_slots) for r in range(1, (engine.max_slots - 1).bit_length() + 1)]
+    for n in sorted(set((engine.prefill_buckets + engine.prefill_buckets)[:2])):
+        prompt = [1] * max(1, min(n, engine.max_seq_len - 2 * engine.decode_steps))
+        for rows in bursts:  # padded to 1, 2, 4, ... rows
+            llm.generate([prompt] * rows, sampling)  # type: ignore[attr-defined]
     return time.perf_counter() - start
 
 
