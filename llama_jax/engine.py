@@ -3,7 +3,9 @@
 - Prefill runs prompts into slots, padded to a length bucket (chunked past the largest bucket)
   and a power-of-two number of rows, so a new prompt length or count never compiles a new
   program. Prompts admitted together share one call per length bucket.
-- Decode advances every slot by `decode_steps` tokens in one dispatch (a scan inside jit).
+- Decode advances the live slots by `decode_steps` tokens in one dispatch (a scan inside jit),
+  computing the first power-of-two number of slots that holds them all (the scheduler fills the
+  lowest free slot first).
 - Attention reads only the first `kv_window` cache slots, a power-of-two bucket that covers the
   longest live sequence, so short sequences do not pay for the full context.
 - The cache and sampler state are donated to every step and updated in place.
@@ -44,7 +46,8 @@ class PrefillJob:
 
 @dataclasses.dataclass
 class StepOutput:
-    """Tokens of one engine call, host-side. Shapes: (steps, slots) for decode, (1, prompts) for prefill."""
+    """Tokens of one engine call, host-side. Shapes: (steps, rows) for decode (column i: slot i),
+    (1, prompts) for prefill (column i: prompt i)."""
 
     tokens: np.ndarray
     logprobs: np.ndarray | None = None  # chosen-token log-probabilities
@@ -120,10 +123,11 @@ class Engine:
             )
             decode_sh = dict(in_shardings=(shardings.params,) + state_sh, out_shardings=state_sh + (rep,))
             release_sh = dict(in_shardings=(rows, sampler_sh, rep), out_shardings=(rows, sampler_sh))
+        self._all_rows = shardings is not None and shardings.dp > 1  # see decode_rows
         # Host mirror: position of each slot's last token, or None when the slot is free.
         self.slot_pos: list[int | None] = [None] * max_slots
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(9, 10), donate_argnums=(1, 2), **prefill_sh)
-        self._decode = jax.jit(self._decode_fn, static_argnums=(5, 6, 7), donate_argnums=(1, 2, 3, 4), **decode_sh)
+        self._decode = jax.jit(self._decode_fn, static_argnums=(5, 6, 7, 8), donate_argnums=(1, 2, 3, 4), **decode_sh)
         self._release = jax.jit(self._park_fn, donate_argnums=(0, 1), **release_sh)
 
     # ---- jitted bodies ----
@@ -146,22 +150,29 @@ class Engine:
         out = (token,) + (token_logprobs(logits, token, MAX_TOP_LOGPROBS) if want_lp else ())
         return cache, sampler, out
 
-    def _decode_fn(self, params, cache, sampler, tokens, positions, steps, kv_window, want_lp):
+    def _decode_fn(self, params, cache, sampler, tokens, positions, steps, kv_window, want_lp, rows):
+        """`steps` tokens for slots [0, rows) (`rows` static); later slots are neither computed nor changed."""
+        # All slots: row b is cache row b (a scatter batching dimension; see model._update_cache).
+        cache_rows = jnp.arange(rows) if rows < self.max_slots else None
+
         def body(carry, _):
             cache, sampler, tokens, positions = carry
             logits, cache = forward(
-                params, self.config, tokens[:, None], positions[:, None], cache,
-                logits_at=jnp.zeros_like(tokens), kv_window=kv_window, attention_impl=self.attention_impl,
+                params, self.config, tokens[:, None], positions[:, None], cache, logits_at=jnp.zeros_like(tokens),
+                cache_rows=cache_rows, kv_window=kv_window, attention_impl=self.attention_impl,
             )
             nxt = sample(logits, sampler, positions + 1)
             sampler = record(sampler, nxt)
             out = (nxt,) + (token_logprobs(logits, nxt, MAX_TOP_LOGPROBS) if want_lp else ())
             return (cache, sampler, nxt, positions + 1), out
 
-        (cache, sampler, tokens, positions), outs = jax.lax.scan(
-            body, (cache, sampler, tokens, positions), None, length=steps
+        head = lambda a: a[:rows]  # noqa: E731
+        (cache, sub, new_tokens, new_positions), outs = jax.lax.scan(
+            body, (cache, jax.tree.map(head, sampler), head(tokens), head(positions)), None, length=steps
         )
-        return cache, sampler, tokens, positions, outs
+        put = lambda full, first: full.at[:rows].set(first)  # noqa: E731
+        sampler = jax.tree.map(put, sampler, sub)
+        return cache, sampler, put(tokens, new_tokens), put(positions, new_positions), outs
 
     def _park_fn(self, positions, sampler, slot):
         # A parked slot samples greedily, so it never makes the decode step take the sorting path.
@@ -248,20 +259,32 @@ class Engine:
         )
         return _host_output(out, (1, n))
 
+    def decode_rows(self) -> int:
+        """Rows the next decode computes: slots [0, rows) cover every live slot. A power of two
+        (at most max_slots), so a few programs serve any occupancy; all slots with dp sharding,
+        whose slot axis is split over devices."""
+        live = [i for i, p in enumerate(self.slot_pos) if p is not None]
+        if self._all_rows or not live:
+            return self.max_slots
+        return min(1 << max(live).bit_length(), self.max_slots)
+
     def decode(self, want_logprobs: bool = False, steps: int | None = None) -> StepOutput:
-        """Advance every slot by `steps` tokens; free slots compute too but write nothing."""
+        """Advance every live slot by `steps` tokens. Tokens come back as (steps, rows), column
+        i for slot i, for the first `decode_rows()` slots: free slots among them compute too but
+        write nothing; slots past them (all free) are not computed."""
         steps = steps or self.decode_steps
         live = [p for p in self.slot_pos if p is not None]
         if not live:
             raise RuntimeError("decode with no active slot")
         window = self.kv_window_for(max(live) + steps)
+        rows = self.decode_rows()
         self.cache, self.sampler, self.tokens, self.positions, outs = self._decode(
-            self.params, self.cache, self.sampler, self.tokens, self.positions, steps, window, want_logprobs,
+            self.params, self.cache, self.sampler, self.tokens, self.positions, steps, window, want_logprobs, rows,
         )
         for i, p in enumerate(self.slot_pos):
             if p is not None:
                 self.slot_pos[i] = p + steps
-        return _host_output(outs, (steps, self.max_slots))
+        return _host_output(outs, (steps, rows))
 
     def release(self, slot: int) -> None:
         self.slot_pos[slot] = None
@@ -280,7 +303,6 @@ def _host_output(out: tuple, shape: tuple[int, int]) -> StepOutput:
         np.asarray(top_lp).reshape(shape + (MAX_TOP_LOGPROBS,)),
         np.asarray(top_ids).reshape(shape + (MAX_TOP_LOGPROBS,)),
     )
-
 
 
 def _column(out: StepOutput, c: int) -> StepOutput:

@@ -125,7 +125,7 @@ def equivalence(preset: str) -> dict[str, Any]:
             window = engine.kv_window_for(max(p for p in engine.slot_pos if p is not None) + engine.decode_steps)
             hlo = engine._decode.lower(
                 engine.params, engine.cache, engine.sampler, engine.tokens, engine.positions,
-                engine.decode_steps, window, False,
+                engine.decode_steps, window, False, engine.decode_rows(),
             ).compile().as_text()
             bad = weight_gathers(hlo, config, params, engine.cache)
             assert not bad, f"{spec}: decode step moves weights or cache:\n" + "\n".join(bad)

@@ -92,7 +92,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny):
 def test_no_recompile_in_steady_state(tiny):
     engine = _engine(tiny)
     prompts = _prompts(tiny[0].vocab_size, [5, 12, 6, 7, 13, 14], seed=3)
-    _run(engine, prompts[:2], 8)  # compiles both prefill buckets (8, 16) and the decode step
+    _run(engine, prompts[:2], 8)  # compiles both prefill buckets (8, 16) and decode of 2 rows
+    _run(engine, prompts[:1], 8)  # and decode of 1 row
     prefill_programs, decode_programs = engine._prefill._cache_size(), engine._decode._cache_size()
     for p in prompts[2:]:  # new lengths inside the same bucket and window
         _run(engine, [p], 8)
@@ -169,3 +170,21 @@ def test_prefill_many_validates(tiny):
     with pytest.raises(ValueError, match="outside"):
         engine.prefill_many([PrefillJob(0, [1], GREEDY, 0), PrefillJob(4, [1], GREEDY, 0)])
     assert engine.free_slots() == [0, 1, 2, 3]  # nothing was written
+
+
+def test_decode_computes_only_the_rows_holding_live_slots(tiny):
+    """A sequence decodes the same in slot 0 of 8 (one row computed) as in slot 5 (all 8 rows),
+    greedy and seeded sampling; rows grow to the next power of two holding the highest live slot."""
+    engine = _engine(tiny, max_slots=8)
+    prompt = _prompts(tiny[0].vocab_size, [11], seed=6)[0]
+    sampled = SamplingParams(temperature=1.0, top_k=40, repetition_penalty=1.2)
+    for sampling in (GREEDY, sampled):
+        first = _run(engine, [prompt], 12, sampling, seeds=[5], slots=[0])[0]
+        assert _run(engine, [prompt], 12, sampling, seeds=[5], slots=[5])[0] == first
+    assert engine.decode_rows() == 8  # nothing live
+    engine.prefill(2, prompt, GREEDY, 0)
+    assert engine.decode_rows() == 4
+    assert engine.decode().tokens.shape == (4, 4)
+    engine.prefill(0, prompt, GREEDY, 0)
+    engine.release(2)
+    assert engine.decode_rows() == 1
