@@ -124,10 +124,11 @@ class LLM:
             ids = tok.encode(prompt, allow_special=True)
             if tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
                 ids = [tok.bos_id] + ids
-            return ids
-        ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty")
+        else:
+            ids = [int(t) for t in prompt]
+            if not ids:
+                raise ValueError("the prompt is empty")
+        # Ids past the model's vocabulary also come from a tokenizer that does not match the model.
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
@@ -301,6 +302,7 @@ def load(
     adapters: str | os.PathLike | None = None,
     merge_adapters: bool = True,
     quantize: str | None = None,
+    quantize_lm_head: bool = False,
     cache_dtype: str | None = None,
     distributed: bool | dict | None = None,
     scan_layers: bool = False,
@@ -315,6 +317,8 @@ def load(
     applied on the fly with `merge_adapters=False`.
     `quantize`: "int8" or "fp8" quantizes the layer weights while loading, one layer at a time
     (llama_jax/quantization.py); a checkpoint stored quantized loads quantized without it.
+    `quantize_lm_head`: also quantize an untied LM head (with `quantize`'s mode, else the stored
+    checkpoint's), one scale per vocabulary entry; by default it stays in `dtype`.
     `cache_dtype`: the KV cache's dtype (default: `dtype`); "int8" stores one scale per token and
     head beside int8 keys and values, about half the memory of bfloat16.
     `distributed`: join a multi-host run first (llama_jax/distributed.py): True reads the
@@ -345,6 +349,14 @@ def load(
         raise ValueError(f"cache_dtype must be int8 or one of {checkpoint.DTYPES}, got {cache_dtype!r}")
     ckpt = resolve_checkpoint(path, progress=progress)
     config = checkpoint.read_config(ckpt)
+    head_mode = None
+    if quantize_lm_head:
+        if config.tie_embeddings:
+            raise ValueError(f"{ckpt}: the LM head is the embedding table (tied); quantize_lm_head needs an untied head")
+        stored = checkpoint.read_quantization(ckpt)
+        head_mode = quantize or (stored.mode if stored else None)
+        if head_mode is None:
+            raise ValueError("quantize_lm_head needs quantize='int8' or 'fp8', or a checkpoint stored quantized")
     shardings = None
     if mesh is not None:
         from .sharding import ModelShardings, make_mesh
@@ -355,6 +367,8 @@ def load(
         ckpt, dtype=dtype, shardings=shardings.params if shardings else None, progress=progress, quantize=quantize,
         stacked=scan_layers,
     )
+    if head_mode is not None:
+        params["lm_head"] = quantization.quantize_lm_head(params["lm_head"], head_mode)
     if adapters is not None:
         from . import lora
 

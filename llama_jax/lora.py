@@ -129,8 +129,8 @@ class LoraWeight:
     b: jax.Array  # (r, *out_axes)
     scale: float = dataclasses.field(metadata=dict(static=True))
 
-    def dense(self, equation: str, x: jax.Array) -> jax.Array:
-        y = dense(equation, x, self.base)
+    def dense(self, equation: str, x: jax.Array, out_dtype: Any = None) -> jax.Array:
+        y = dense(equation, x, self.base, out_dtype=out_dtype)
         inputs, out = equation.split("->")
         xs, ws = inputs.split(",")
         contracted = "".join(c for c in ws if c in xs)

@@ -94,12 +94,13 @@ class KVCache:
         return self.k.shape[2]
 
 
-def dense(equation: str, x: jax.Array, w: Any) -> jax.Array:
-    """x times a weight. A weight is an array, or an object with a `dense(equation, x)` method
-    (quantized weights, LoRA-adapted weights) that computes the same product its own way."""
+def dense(equation: str, x: jax.Array, w: Any, *, out_dtype: Any = None) -> jax.Array:
+    """x times a weight, in `out_dtype` (default: x's dtype). A weight is an array, or an object
+    with a `dense(equation, x, out_dtype)` method (quantized weights, LoRA-adapted weights) that
+    computes the same product its own way."""
     if isinstance(w, jax.Array):
-        return weight_einsum(equation, x, w)
-    return w.dense(equation, x)
+        return weight_einsum(equation, x, w, preferred_element_type=out_dtype)
+    return w.dense(equation, x, out_dtype=out_dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -233,7 +234,8 @@ def forward(
     if config.tie_embeddings:  # contract against the (V, D) table as stored; a transpose costs a copy on CPU
         logits = jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
     else:
-        logits = jnp.einsum("...d,dv->...v", x, params["lm_head"], preferred_element_type=jnp.float32)
+        rows = "bt"[: x.ndim - 1]  # (B, D) at `logits_at`, else (B, T, D); the head may be quantized
+        logits = dense(f"{rows}d,dv->{rows}v", x, params["lm_head"], out_dtype=jnp.float32)
     return logits, cache
 
 

@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama_jax.distributed import add_arguments as add_distributed_arguments  # noqa: E402
 from llama_jax.distributed import initialize_from_args  # noqa: E402
+from llama_jax.quantization import add_arguments as add_quantization_arguments  # noqa: E402
+from llama_jax.quantization import load_arguments  # noqa: E402
 from llama_jax.sampling import SamplingParams  # noqa: E402
 
 
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--adapters", type=Path, help="LoRA adapter directory (scripts/finetune.py --out)")
     r.add_argument("--no-merge-adapters", dest="merge_adapters", action="store_false",
                    help="apply the adapters on the fly instead of merging them into the weights")
+    add_quantization_arguments(p)
     add_distributed_arguments(p)
     args = p.parse_args(argv)
     if not args.chat and not args.prompt:
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         llm = llama_jax.load(args.ckpt, dtype=args.dtype, max_seq_len=args.max_seq_len, max_slots=1,
                              mesh=args.mesh, attention_impl=args.attention, adapters=args.adapters,
-                             merge_adapters=args.merge_adapters)
+                             merge_adapters=args.merge_adapters, **load_arguments(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 1

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapters", help="LoRA adapter directory (scripts/finetune.py --out)")
     p.add_argument("--no-merge-adapters", dest="merge_adapters", action="store_false",
                    help="apply the adapters on the fly instead of merging them into the weights")
+    from llama_jax.quantization import add_arguments
+
+    add_arguments(p)
     args = p.parse_args(argv)
     for name in ("max_slots", "max_seq_len", "max_queue", "decode_steps"):
         if getattr(args, name) < 1:
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     import llama_jax.api
+    from llama_jax.quantization import load_arguments
     from llama_jax.server import create_app
 
     # Our loggers at the chosen level; JAX's and Orbax's stay at warnings.
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         llm = llama_jax.api.load(
             args.ckpt, dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
             decode_steps=args.decode_steps, attention_impl=args.attention, mesh=args.mesh,
-            adapters=args.adapters, merge_adapters=args.merge_adapters,
+            adapters=args.adapters, merge_adapters=args.merge_adapters, **load_arguments(args),
         )
     except (ValueError, OSError) as e:  # bad path, config, checkpoint or mesh: say which, no traceback
         sys.exit(f"error: {e}")

@@ -32,6 +32,7 @@ from llama_jax import checkpoint as ck
 from llama_jax import quantization as q
 from llama_jax.config import LlamaConfig
 from llama_jax.model import KVCache, Llama, forward
+from llama_jax.tokenizer import llama3_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -177,6 +178,59 @@ def test_convert_quantized_equals_quantizing_at_load(hf_dir: Path, tmp_path: Pat
     with pytest.raises(ck.CheckpointError, match="already quantized as int8"):
         ck.restore_params(stored, progress=False, quantize="fp8")
     assert isinstance(ck.restore_params(stored, progress=False, quantize="int8")["layers"]["wq"], q.QuantizedWeight)
+
+
+def _byte_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord)
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def test_lm_head_quantized_on_request(hf_dir: Path, tmp_path: Path) -> None:
+    """load(quantize_lm_head=True) quantizes the untied head too (one scale per vocabulary entry),
+    with `quantize`'s mode or a stored checkpoint's; logits move by about int8's rounding error.
+    Without a mode, or with a tied head, it refuses before reading any weight."""
+    plain = convert("hf", hf_dir, tmp_path / "plain", dtype="float32", progress=False)
+    stored = convert("hf", hf_dir, tmp_path / "int8", dtype="float32", progress=False, quantize="int8")
+    for ckpt in (plain, stored):  # load() wants a tokenizer: one token per byte fits the 256-entry vocabulary
+        _byte_tokenizer().save(str(Path(ckpt) / "tokenizer.json"))
+    kw = dict(dtype="float32", max_slots=1, max_seq_len=64, progress=False, compilation_cache=False)
+    layers_only = llama_jax.load(plain, quantize="int8", **kw)
+    with_head = llama_jax.load(plain, quantize="int8", quantize_lm_head=True, **kw)
+    head = with_head.params["lm_head"]
+    config = with_head.config
+    assert isinstance(head, q.QuantizedWeight) and head.value.dtype == jnp.int8
+    assert head.scale.shape == (1, config.vocab_size)
+    assert not isinstance(layers_only.params["lm_head"], q.QuantizedWeight)
+    np.testing.assert_array_equal(llama_jax.load(stored, quantize_lm_head=True, **kw).params["lm_head"].value, head.value)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 12))
+    err = rel_err(logits(config, with_head.params, tokens), logits(config, layers_only.params, tokens))
+    assert 0 < err < 0.02, err
+    with pytest.raises(ValueError, match="needs quantize"):
+        llama_jax.load(plain, quantize_lm_head=True, **kw)
+    layers_only.tokenizer = llama3_tokenizer()  # a tokenizer that does not fit the model: a clear error
+    with pytest.raises(ValueError, match="token id 128000 is outside the vocabulary"):
+        layers_only.generate("hello")
+    # The scripts' flags reach load(): generate.py with everything quantized, and the refusal.
+    script = [sys.executable, str(REPO / "scripts" / "generate.py"), "--ckpt", str(plain), "--raw", "--max-tokens",
+              "4", "--temperature", "0", "--max-seq-len", "64", "--dtype", "float32"]
+    ok = subprocess.run([*script, "--quantize", "int8", "--quantize-lm-head", "--cache-dtype", "int8", "hello"],
+                        capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0 and "tokens/s" in ok.stderr, ok.stderr[-2000:]
+    refused = subprocess.run([*script, "--quantize-lm-head", "hello"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1 and "needs quantize" in refused.stderr, refused.stderr[-2000:]
+    tied = LlamaConfig.from_preset("tiny-mha-tied")
+    weights = jax.device_get(Llama(tied, rngs=nnx.Rngs(0), dtype=jnp.float32).params())
+    with ck.CheckpointWriter(tmp_path / "tied", tied, "float32", "hf") as w:
+        w.write_globals({k: v for k, v in weights.items() if k != "layers"})
+        for i in range(tied.n_layers):
+            w.write_layer(i, {k: v[i] for k, v in weights["layers"].items()})
+    with pytest.raises(ValueError, match="tied"):
+        llama_jax.load(tmp_path / "tied", quantize="int8", quantize_lm_head=True, **kw)
 
 
 def test_writer_refuses_unquantized_values(tmp_path: Path) -> None:
@@ -345,6 +399,15 @@ def test_tp8_quantized_weights_and_int8_cache(tmp_path: Path) -> None:
                               is_leaf=lambda w: isinstance(w, quantization.QuantizedWeight))
         bad = weight_gathers(hlo, config, values, e.cache)
         assert not bad, bad
+
+        # The LM head quantized on request: value split like the head, scale like its vocabulary.
+        single = checkpoint.restore_params(path, progress=False, quantize="int8")
+        single["lm_head"] = quantization.quantize_lm_head(single["lm_head"], "int8")
+        head_sh = params["lm_head"].sharding
+        params["lm_head"] = head = quantization.quantize_lm_head(params["lm_head"], "int8")
+        assert head.value.sharding == head_sh and head.scale.sharding == head_sh, (head.value.sharding, head.scale.sharding)
+        sh.params = jax.tree.map(lambda a: a.sharding, params)
+        assert greedy(engine(params, sh), config) == greedy(engine(single, None), config)
         print("RESULT " + json.dumps({{"specs": specs, "tokens": got}}))
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
