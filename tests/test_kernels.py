@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_inputs import attention_inputs, with_stale_tail
 import kernels_pallas
 from kernels_pallas import decode_attention, flash_attention
 from kernels_pallas.reference import decode_attention_reference, flash_attention_reference
@@ -24,22 +25,6 @@ from llama_jax.attention import attention_reference
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
-
-
-def _inputs(seed: int, batch: int, tokens: int, slots: int, kv_heads: int, group: int, head_dim: int, dtype):
-    """Random normal q (B, T, H, D) and cache k, v (B, S, K, D)."""
-    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-    q = jax.random.normal(kq, (batch, tokens, kv_heads * group, head_dim), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (batch, slots, kv_heads, head_dim), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (batch, slots, kv_heads, head_dim), jnp.float32).astype(dtype)
-    return q, k, v
-
-
-def _with_stale_tail(x: jax.Array, lengths: np.ndarray, seed: int) -> jax.Array:
-    """Overwrite slots >= lengths[b] with large random values: no valid query may see them."""
-    stale = 100.0 * jax.random.normal(jax.random.PRNGKey(seed), x.shape, jnp.float32).astype(x.dtype)
-    live = jnp.arange(x.shape[1])[None, :, None, None] < jnp.asarray(lengths)[:, None, None, None]
-    return jnp.where(live, x, stale)
 
 
 def _assert_close(out: jax.Array, ref: jax.Array, dtype) -> None:
@@ -72,10 +57,10 @@ PREFILL_CASES = [
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"B{c[0]}T{c[1]}S{c[2]}K{c[3]}G{c[4]}D{c[5]}")
 def test_flash_attention_matches_reference(case) -> None:
     batch, tokens, slots, kv_heads, group, head_dim, offsets, dtype, block_q, block_k = case
-    q, k, v = _inputs(0, batch, tokens, slots, kv_heads, group, head_dim, dtype)
+    q, k, v = attention_inputs(0, batch, tokens, slots, kv_heads, group, head_dim, dtype)
     offsets = np.asarray(offsets, np.int32)
-    k = _with_stale_tail(k, offsets + tokens, 1)
-    v = _with_stale_tail(v, offsets + tokens, 2)
+    k = with_stale_tail(k, offsets + tokens, 1)
+    v = with_stale_tail(v, offsets + tokens, 2)
     out = flash_attention(q, k, v, jnp.asarray(offsets), block_q=block_q, block_k=block_k, interpret=True)
     _assert_close(out, flash_attention_reference(q, k, v, jnp.asarray(offsets)), dtype)
 
@@ -99,10 +84,10 @@ DECODE_CASES = [
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"B{c[0]}S{c[1]}K{c[2]}G{c[3]}D{c[4]}")
 def test_decode_attention_matches_reference(case) -> None:
     batch, slots, kv_heads, group, head_dim, lengths, dtype, block_k, num_splits = case
-    q, k, v = _inputs(3, batch, 1, slots, kv_heads, group, head_dim, dtype)
+    q, k, v = attention_inputs(3, batch, 1, slots, kv_heads, group, head_dim, dtype)
     lengths = np.asarray(lengths, np.int32)
-    k = _with_stale_tail(k, lengths, 4)
-    v = _with_stale_tail(v, lengths, 5)
+    k = with_stale_tail(k, lengths, 4)
+    v = with_stale_tail(v, lengths, 5)
     out = decode_attention(
         q[:, 0], k, v, jnp.asarray(lengths), block_k=block_k, num_splits=num_splits, interpret=True
     )
@@ -119,7 +104,7 @@ def test_random_shapes() -> None:
         slots = int(rng.integers(2, 160))
         tokens = int(rng.integers(2, slots + 1))
         offsets = rng.integers(0, slots - tokens + 1, size=batch).astype(np.int32)
-        q, k, v = _inputs(10 + trial, batch, tokens, slots, kv_heads, group, head_dim, dtype)
+        q, k, v = attention_inputs(10 + trial, batch, tokens, slots, kv_heads, group, head_dim, dtype)
         out = flash_attention(q, k, v, jnp.asarray(offsets), block_q=16, block_k=32, interpret=True)
         _assert_close(out, flash_attention_reference(q, k, v, jnp.asarray(offsets)), dtype)
 
@@ -134,7 +119,7 @@ def test_random_shapes() -> None:
 @pytest.mark.parametrize("tokens", [1, 24])
 def test_attention_dispatch_matches_model_reference(tokens: int) -> None:
     """The model's entry point with impl="pallas", under jit, against its own reference."""
-    q, k, v = _inputs(20, 2, tokens, 96, 2, 4, 64, jnp.float32)
+    q, k, v = attention_inputs(20, 2, tokens, 96, 2, 4, 64, jnp.float32)
     positions = jnp.asarray([[0], [60]], jnp.int32) + jnp.arange(tokens, dtype=jnp.int32)[None, :]
     out = jax.jit(lambda *a: llama_attention(*a, impl="pallas"))(q, k, v, positions)
     assert out.shape == q.shape

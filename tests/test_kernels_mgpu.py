@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_inputs import attention_inputs, with_stale_tail
 import kernels_pallas
 from kernels_pallas.flash_attention_mgpu import InterpretGPUParams, flash_attention_mgpu
 from kernels_pallas.reference import flash_attention_reference
@@ -35,27 +36,12 @@ def _fresh_interpreter():
     yield
 
 
-def _inputs(seed: int, batch: int, tokens: int, slots: int, kv_heads: int, group: int, head_dim: int, dtype):
-    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-    q = jax.random.normal(kq, (batch, tokens, kv_heads * group, head_dim), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (batch, slots, kv_heads, head_dim), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (batch, slots, kv_heads, head_dim), jnp.float32).astype(dtype)
-    return q, k, v
-
-
-def _with_stale_tail(x: jax.Array, lengths: np.ndarray, seed: int) -> jax.Array:
-    """Overwrite slots >= lengths[b] with large random values: no valid query may see them."""
-    stale = 100.0 * jax.random.normal(jax.random.PRNGKey(seed), x.shape, jnp.float32).astype(x.dtype)
-    live = jnp.arange(x.shape[1])[None, :, None, None] < jnp.asarray(lengths)[:, None, None, None]
-    return jnp.where(live, x, stale)
-
-
 def _check(case, *, seed: int = 0, detect_races: bool = False) -> None:
     batch, tokens, slots, kv_heads, group, head_dim, offsets, dtype, block_q, block_k, stages = case
-    q, k, v = _inputs(seed, batch, tokens, slots, kv_heads, group, head_dim, dtype)
+    q, k, v = attention_inputs(seed, batch, tokens, slots, kv_heads, group, head_dim, dtype)
     offsets = np.asarray(offsets, np.int32)
-    k = _with_stale_tail(k, offsets + tokens, seed + 1)
-    v = _with_stale_tail(v, offsets + tokens, seed + 2)
+    k = with_stale_tail(k, offsets + tokens, seed + 1)
+    v = with_stale_tail(v, offsets + tokens, seed + 2)
     params = InterpretGPUParams(detect_races=detect_races)
     out = flash_attention_mgpu(
         q, k, v, jnp.asarray(offsets), block_q=block_q, block_k=block_k, num_stages=stages, interpret=params
@@ -107,7 +93,7 @@ def test_matches_triton_kernel_random_shapes() -> None:
         slots = int(rng.integers(64, 200))
         tokens = int(rng.integers(2, min(slots, 48) + 1))
         offsets = rng.integers(0, slots - tokens + 1, size=2).astype(np.int32)
-        q, k, v = _inputs(10 + trial, 2, tokens, slots, 1, group, 64, jnp.bfloat16)
+        q, k, v = attention_inputs(10 + trial, 2, tokens, slots, 1, group, 64, jnp.bfloat16)
         out = flash_attention_mgpu(q, k, v, jnp.asarray(offsets), block_k=64, interpret=InterpretGPUParams())
         ref = flash_attention_reference(q, k, v, jnp.asarray(offsets))
         triton = kernels_pallas.flash_attention(q, k, v, jnp.asarray(offsets), interpret=True)
@@ -164,7 +150,7 @@ def test_lowers_to_mosaic_gpu(shape, dtype, kwargs) -> None:
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles for a Hopper GPU; none here")
 def test_compiled_on_gpu_matches_reference() -> None:
     """On the GPU machine: the compiled kernel (register P, transposed K view) at Llama 3.1 8B heads."""
-    q, k, v = _inputs(7, 2, 300, 1000, 8, 4, 128, jnp.bfloat16)
+    q, k, v = attention_inputs(7, 2, 300, 1000, 8, 4, 128, jnp.bfloat16)
     offsets = jnp.asarray([0, 700], jnp.int32)
     out = flash_attention_mgpu(q, k, v, offsets, interpret=False)
     ref = flash_attention_reference(q, k, v, offsets)
