@@ -52,6 +52,7 @@ class MemoryPlan:
     mesh: str
     dtype: str
     quantize: str | None
+    quantize_lm_head: bool
     cache_dtype: str
     max_seq_len: int
     batch: int
@@ -83,6 +84,11 @@ class MemoryPlan:
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "total": self.total, "fits": self.fits}
 
+    def _quantized(self) -> str:
+        if not self.quantize:
+            return ""
+        return f" ({self.quantize} layer weights{' and LM head' if self.quantize_lm_head else ''})"
+
     def report(self) -> str:
         gb = lambda n: f"{'-':>9}" if n is None else f"{n / 1e9:9.2f} GB"  # noqa: E731
         cpu = self.compiled_on == "cpu"
@@ -99,7 +105,7 @@ class MemoryPlan:
             ("total: weights + KV cache + GPU temporaries", self.total),
         ]
         rows = [
-            f"{self.model} on mesh {self.mesh}, {self.dtype}{f' ({self.quantize} layer weights)' if self.quantize else ''}, "
+            f"{self.model} on mesh {self.mesh}, {self.dtype}{self._quantized()}, "
             f"{self.cache_dtype} KV cache, batch {self.batch} x {self.max_seq_len} tokens, {self.attention} attention; "
             "bytes per device:"
         ] + [f"  {label:<50}{gb(value)}" for label, value in lines]
@@ -119,6 +125,7 @@ def plan(
     *,
     dtype: str = "bfloat16",
     quantize: str | None = None,
+    quantize_lm_head: bool = False,
     cache_dtype: str | None = None,
     max_seq_len: int | None = None,
     batch: int = 1,
@@ -132,7 +139,8 @@ def plan(
     """Plan `config` on `mesh` (a spec such as "tp=8") for `batch` slots of `max_seq_len` tokens.
 
     `dtype`: weights and activations; `quantize` ("int8" | "fp8"): layer weights stored 8-bit
-    (llama_jax.quantization); `cache_dtype`: the KV cache's (default `dtype`; "int8" adds scales).
+    (llama_jax.quantization), with `quantize_lm_head` the untied LM head too; `cache_dtype`: the
+    KV cache's (default `dtype`; "int8" adds scales).
 
     With `compile`, the decode step is compiled on the first dp*tp devices of this process
     (they must exist; on CPU, simulate them with XLA_FLAGS=--xla_force_host_platform_device_count=N
@@ -155,8 +163,11 @@ def plan(
     abstract = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, wdtype), param_shapes(config),
                             is_leaf=lambda x: isinstance(x, tuple))
     param_sh = shardings.params
+    if quantize_lm_head and quantize is None:
+        raise ValueError("quantize_lm_head needs quantize ('int8' or 'fp8')")
     if quantize is not None:
-        abstract = jax.eval_shape(functools.partial(quantize_params, mode=quantize), abstract)
+        quantize_all = functools.partial(quantize_params, mode=quantize, lm_head=quantize_lm_head)
+        abstract = jax.eval_shape(quantize_all, abstract)
         param_sh = param_shardings(param_sh, abstract)
     params = _with_shardings(abstract, param_sh)
     cache = _with_shardings(jax.eval_shape(lambda: KVCache.zeros(config, batch, max_seq_len, cdtype)),
@@ -170,7 +181,8 @@ def plan(
     chunk = min(prefill_chunk, max_seq_len)
     temp = functools.partial(_gpu_temp, config, shardings, params, cache, wdtype, attention)
     return MemoryPlan(
-        model=name, mesh=mesh, dtype=str(wdtype), quantize=quantize, cache_dtype=str(cdtype),
+        model=name, mesh=mesh, dtype=str(wdtype), quantize=quantize, quantize_lm_head=quantize_lm_head,
+        cache_dtype=str(cdtype),
         max_seq_len=max_seq_len, batch=batch, attention=attention, prefill_chunk=chunk, weights=weights, kv_cache=kv,
         compiled_arguments=stats and stats.argument_size_in_bytes,
         compiled_outputs=stats and stats.output_size_in_bytes,

@@ -182,13 +182,21 @@ def quantize_lm_head(w: jax.Array, mode: str) -> QuantizedWeight:
     return as_weight(*jax.jit(functools.partial(quantize, axes=(0,), mode=mode), out_shardings=out)(w))
 
 
-def quantize_params(params: Mapping[str, Any], mode: str, weights: tuple[str, ...] = QUANTIZABLE) -> dict[str, Any]:
-    """Parameters with the stacked layer weights `weights` quantized; everything else unchanged.
-    (Loading a checkpoint with `quantize=` does this one layer at a time instead.)"""
+def quantize_params(
+    params: Mapping[str, Any], mode: str, weights: tuple[str, ...] = QUANTIZABLE, lm_head: bool = False
+) -> dict[str, Any]:
+    """Parameters with the stacked layer weights `weights` (and with `lm_head`, the untied LM
+    head) quantized; everything else unchanged. (Loading a checkpoint with `quantize=` does this
+    one layer at a time instead.)"""
     layers = dict(params["layers"])
     for name in WeightQuantization(mode, weights).weights:
         layers[name] = quantize_weight(layers[name], name, mode)
-    return {**params, "layers": layers}
+    out = {**params, "layers": layers}
+    if lm_head:
+        if "lm_head" not in params:
+            raise ValueError("the LM head is tied to the embeddings: there is no separate head to quantize")
+        out["lm_head"] = as_weight(*quantize(params["lm_head"], (0,), mode))
+    return out
 
 
 def quantize_layer(tensors: Mapping[str, np.ndarray], spec: WeightQuantization) -> dict[str, np.ndarray]:
@@ -218,11 +226,15 @@ def param_shardings(shardings: Mapping[str, Any], params: Mapping[str, Any]) -> 
     """The sharding tree of `params` with quantized weights, given that of unquantized ones
     (`ModelShardings.params`): a QuantizedWeight's value keeps its weight's sharding, its scale
     too except along the size-1 input axes."""
-    layers = dict(shardings["layers"])
-    for name, w in params["layers"].items():
-        if isinstance(w, QuantizedWeight):
-            layers[name] = QuantizedWeight(layers[name], scale_sharding(layers[name], w.scale.shape), w.fp8_matmul)
-    return {**shardings, "layers": layers}
+    def pair(sharding: Any, w: QuantizedWeight) -> QuantizedWeight:
+        return QuantizedWeight(sharding, scale_sharding(sharding, w.scale.shape), w.fp8_matmul)
+
+    layers = {name: pair(shardings["layers"][name], w) if isinstance(w, QuantizedWeight) else shardings["layers"][name]
+              for name, w in params["layers"].items()}
+    out = {**shardings, "layers": layers}
+    if isinstance(params.get("lm_head"), QuantizedWeight):
+        out["lm_head"] = pair(shardings["lm_head"], params["lm_head"])
+    return out
 
 
 # ---------------------------------------------------------------- int8 KV cache

@@ -25,6 +25,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mesh", default="tp=1", help="mesh spec, e.g. tp=8 or dp=2,tp=8")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--quantize", default=None, choices=("int8", "fp8"), help="8-bit layer weights")
+    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: the untied LM head too")
     p.add_argument("--cache-dtype", default=None, choices=("bfloat16", "float32", "int8"),
                    help="KV cache dtype (default: --dtype)")
     p.add_argument("--max-seq", type=int, default=None, help="KV cache length per slot (default: the model's)")
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--model {args.model!r}: not a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint", file=sys.stderr)
         return 2
     result = plan(
-        config, args.mesh, dtype=args.dtype, quantize=args.quantize, cache_dtype=args.cache_dtype,
+        config, args.mesh, dtype=args.dtype, quantize=args.quantize, quantize_lm_head=args.quantize_lm_head,
+        cache_dtype=args.cache_dtype,
         max_seq_len=args.max_seq, batch=args.batch,
         device_memory=args.device_memory, usable_fraction=args.usable_fraction, attention=args.attention,
         prefill_chunk=args.prefill_chunk, compile=not args.no_compile, name=args.model,

@@ -44,6 +44,21 @@ def test_8bit_weights_and_cache() -> None:
     assert p.kv_cache == 1024 * 2 * config.n_layers * config.n_kv_heads * (config.head_dim + 4)
 
 
+def test_quantized_lm_head() -> None:
+    """The untied LM head in int8: one byte per weight plus a float32 scale per vocabulary entry,
+    split over tp like the bf16 head; a tied head has nothing separate to quantize."""
+    config = LlamaConfig.from_preset("llama3.1-8b")
+    layers_only = plan(config, "tp=1", quantize="int8", max_seq_len=1024, compile=False)
+    both = plan(config, "tp=1", quantize="int8", quantize_lm_head=True, max_seq_len=1024, compile=False)
+    head = config.dim * config.vocab_size
+    assert layers_only.weights - both.weights == 2 * head - (head + 4 * config.vocab_size)
+    assert "int8 layer weights and LM head" in both.report()
+    with pytest.raises(ValueError, match="needs quantize"):
+        plan(config, "tp=1", quantize_lm_head=True, compile=False)
+    with pytest.raises(ValueError, match="tied"):
+        plan(LlamaConfig.from_preset("llama3.2-1b"), "tp=1", quantize="int8", quantize_lm_head=True, compile=False)
+
+
 def test_parse_bytes() -> None:
     assert parse_bytes("80GB") == 80 * 10**9
     assert parse_bytes("80GiB") == 80 * 2**30
