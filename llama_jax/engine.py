@@ -27,7 +27,8 @@ from .attention import AttentionImpl
 from .config import LlamaConfig
 from .model import KVCache, Params, forward
 from .sampling import (
-    MAX_TOP_LOGPROBS, SamplerState, SamplingParams, record, record_rows, row_values, sample, set_rows, token_logprobs,
+    MAX_TOP_LOGPROBS, SamplerState, SamplingParams, bias_row, record, record_rows, row_values, sample, set_rows,
+    token_logprobs,
 )
 
 DEFAULT_PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
@@ -118,7 +119,7 @@ class Engine:
             # Built in place on the devices: the full cache never sits on one device.
             self.cache, self.sampler, self.tokens, self.positions = jax.jit(state, out_shardings=state_sh)()
             prefill_sh = dict(
-                in_shardings=(shardings.params, cache_sh, sampler_sh) + (rep,) * 6,
+                in_shardings=(shardings.params, cache_sh, sampler_sh) + (rep,) * 7,
                 out_shardings=(cache_sh, sampler_sh, rep),
             )
             decode_sh = dict(in_shardings=(shardings.params,) + state_sh, out_shardings=state_sh + (rep,))
@@ -126,13 +127,13 @@ class Engine:
         self._all_rows = shardings is not None and shardings.dp > 1  # see decode_rows
         # Host mirror: position of each slot's last token, or None when the slot is free.
         self.slot_pos: list[int | None] = [None] * max_slots
-        self._prefill = jax.jit(self._prefill_fn, static_argnums=(9, 10), donate_argnums=(1, 2), **prefill_sh)
+        self._prefill = jax.jit(self._prefill_fn, static_argnums=(10, 11), donate_argnums=(1, 2), **prefill_sh)
         self._decode = jax.jit(self._decode_fn, static_argnums=(5, 6, 7, 8), donate_argnums=(1, 2, 3, 4), **decode_sh)
         self._release = jax.jit(self._park_fn, donate_argnums=(0, 1), **release_sh)
 
     # ---- jitted bodies ----
     # Static arguments are positional: jit takes no keyword arguments once in_shardings are given.
-    def _prefill_fn(self, params, cache, sampler, tokens, start, length, slots, values, seen, kv_window, want_lp):
+    def _prefill_fn(self, params, cache, sampler, tokens, start, length, slots, values, seen, bias, kv_window, want_lp):
         """One chunk of N prompts: row i's tokens (N, T) at positions start[i]..start[i]+T-1,
         length[i] of them real, into slot slots[i]. Padding rows (slot == max_slots, length 0)
         write nothing: their positions are parked past the cache and their sampler rows dropped."""
@@ -144,7 +145,7 @@ class Engine:
             params, self.config, tokens, positions, cache, logits_at=jnp.maximum(length - 1, 0),
             cache_rows=rows, kv_window=kv_window, attention_impl=self.attention_impl,
         )
-        sampler = set_rows(sampler, slots, values, seen)
+        sampler = set_rows(sampler, slots, values, seen, bias)
         token = sample(logits, jax.tree.map(lambda a: a[rows], sampler), start + length)
         sampler = record_rows(sampler, slots, token)
         out = (token,) + (token_logprobs(logits, token, MAX_TOP_LOGPROBS) if want_lp else ())
@@ -245,6 +246,7 @@ class Engine:
         length = np.zeros((n,), np.int32)
         slots = np.full((n,), self.max_slots, np.int32)
         seen = np.zeros((n, vocab), bool)  # prompt tokens, for the repetition penalty
+        bias = np.zeros((n, vocab), np.float32)
         rows = [row_values(j.sampling, j.seed) for j, _ in pieces]
         rows += [rows[0]] * (n - len(pieces))
         for r, (j, s) in enumerate(pieces):
@@ -252,10 +254,11 @@ class Engine:
             tokens[r, : len(piece)] = piece
             start[r], length[r], slots[r] = s, len(piece), j.slot
             seen[r, np.asarray(j.prompt)] = True
+            bias[r] = bias_row(j.sampling, vocab)
         values = {k: jnp.asarray(np.stack([v[k] for v in rows])) for k in rows[0]}
         self.cache, self.sampler, out = self._prefill(
             self.params, self.cache, self.sampler, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(length),
-            jnp.asarray(slots), values, jnp.asarray(seen), self.kv_window_for(int(start.max()) + bucket), want_lp,
+            jnp.asarray(slots), values, jnp.asarray(seen), jnp.asarray(bias), self.kv_window_for(int(start.max()) + bucket), want_lp,
         )
         return _host_output(out, (1, n))
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias: [-100, 100]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +37,22 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # Added to the model's logits before penalties and sampling (greedy too), as OpenAI's
+    # `logit_bias`: {token id: bias in [-100, 100]}; kept as sorted (id, bias) pairs. Log-probabilities
+    # stay those of the model.
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        bias = self.logit_bias
+        try:
+            pairs = dict(bias.items() if isinstance(bias, Mapping) else bias)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}") from None
+        object.__setattr__(self, "logit_bias", tuple(sorted(pairs.items(), key=lambda kv: kv[0])))
         self.validate()
 
     def validate(self) -> None:
@@ -61,6 +72,9 @@ class SamplingParams:
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         check(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
               f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        check(all(_is_int(t) and t >= 0 for t, _ in self.logit_bias), "logit_bias", "keys must be token ids >= 0")
+        check(all(_finite(b) and abs(b) <= MAX_LOGIT_BIAS for _, b in self.logit_bias), "logit_bias",
+              f"values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
 
     @classmethod
     def greedy(cls, **kw) -> "SamplingParams":
@@ -93,6 +107,7 @@ class SamplerState:
     seed: jax.Array  # uint32
     output_counts: jax.Array  # (B, V) int32: how often each token was generated
     seen: jax.Array  # (B, V) bool: token appears in the prompt or the output
+    logit_bias: jax.Array  # (B, V) float32: added to the logits
 
     @classmethod
     def empty(cls, batch: int, vocab: int) -> "SamplerState":
@@ -102,6 +117,7 @@ class SamplerState:
             repetition_penalty=f(1.0), presence_penalty=f(0.0), frequency_penalty=f(0.0),
             seed=jnp.zeros((batch,), jnp.uint32),
             output_counts=jnp.zeros((batch, vocab), jnp.int32), seen=jnp.zeros((batch, vocab), bool),
+            logit_bias=jnp.zeros((batch, vocab), jnp.float32),
         )
 
 
@@ -115,14 +131,27 @@ def row_values(p: SamplingParams, seed: int) -> dict[str, np.ndarray]:
     )
 
 
-def set_rows(state: SamplerState, rows: jax.Array, values: dict[str, jax.Array], seen: jax.Array) -> SamplerState:
+def bias_row(p: SamplingParams, vocab: int) -> np.ndarray:
+    """The (V,) float32 logit-bias row of request `p`."""
+    row = np.zeros((vocab,), np.float32)
+    if p.logit_bias:
+        ids, biases = zip(*p.logit_bias)
+        row[list(ids)] = biases
+    return row
+
+
+def set_rows(
+    state: SamplerState, rows: jax.Array, values: dict[str, jax.Array], seen: jax.Array, bias: jax.Array
+) -> SamplerState:
     """Reset rows `rows` (N,) for new requests: `values` holds (N,) fields, `seen` (N, V) bool marks
-    each prompt's tokens. Rows past the state's batch are dropped (padding)."""
+    each prompt's tokens, `bias` (N, V) holds their logit biases. Rows past the state's batch are
+    dropped (padding)."""
     fields = {k: getattr(state, k).at[rows].set(v, mode="drop") for k, v in values.items()}
     return dataclasses.replace(
         state, **fields,
         output_counts=state.output_counts.at[rows].set(0, mode="drop"),
         seen=state.seen.at[rows].set(seen, mode="drop"),
+        logit_bias=state.logit_bias.at[rows].set(bias, mode="drop"),
     )
 
 
@@ -141,6 +170,8 @@ def record(state: SamplerState, tokens: jax.Array) -> SamplerState:
 
 
 def _penalise(logits: jax.Array, s: SamplerState) -> jax.Array:
+    # The bias first, as vLLM does: penalties then act on the biased logits.
+    logits = logits + s.logit_bias
     rep = s.repetition_penalty[:, None]
     logits = jnp.where(s.seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     counts = s.output_counts.astype(jnp.float32)

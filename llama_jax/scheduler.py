@@ -111,6 +111,10 @@ class Scheduler:
             raise ValueError("the prompt is empty")
         if n >= limit:
             raise ValueError(f"the prompt has {n} tokens; the context holds {limit} (prompt + output)")
+        vocab = self.engine.config.vocab_size
+        outside = [t for t, _ in request.sampling.logit_bias if t >= vocab]
+        if outside:
+            raise ValueError(f"logit_bias names token ids past the vocabulary ({vocab} tokens): {outside[:5]}")
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} requests already")

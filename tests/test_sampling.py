@@ -3,7 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.sampling import SamplerState, SamplingParams, _penalise, _truncate, row_values, sample, token_logprobs
+from llama_jax.sampling import (
+    SamplerState, SamplingParams, _penalise, _truncate, bias_row, row_values, sample, set_rows, token_logprobs,
+)
 
 
 def _state(batch, vocab, **fields):
@@ -48,10 +50,11 @@ def test_penalties_match_reference():
     prompt_seen = rng.random((b, v)) < 0.2
     seen = prompt_seen | (counts > 0)
     rep, pres, freq = np.array([1.0, 1.3, 0.8, 2.0]), np.array([0, 0.5, -0.5, 1.5]), np.array([0, 0.2, 1.0, -1.0])
+    bias = rng.uniform(-3, 3, (b, v)).astype(np.float32) * (rng.random((b, v)) < 0.3)
     s = _state(b, v, repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
-               output_counts=counts, seen=seen)
+               output_counts=counts, seen=seen, logit_bias=bias)
     got = np.asarray(_penalise(jnp.asarray(logits), s))
-    want = logits.copy()
+    want = logits + bias  # the bias comes first, as in vLLM
     for i in range(b):
         for t in range(v):
             if seen[i, t]:  # HF RepetitionPenaltyLogitsProcessor
@@ -96,7 +99,9 @@ def test_logprobs_are_the_model_distribution():
 @pytest.mark.parametrize(
     "field, value",
     [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", -1), ("top_k", -2),
-     ("min_p", 2.0), ("presence_penalty", 3.0), ("top_logprobs", 21), ("temperature", float("nan"))],
+     ("min_p", 2.0), ("presence_penalty", 3.0), ("top_logprobs", 21), ("temperature", float("nan")),
+     ("logit_bias", {5: 101.0}), ("logit_bias", {-1: 1.0}), ("logit_bias", {5: float("inf")}),
+     ("logit_bias", {"5": 1.0}), ("logit_bias", [1, 2])],
 )
 def test_invalid_parameters_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -109,3 +114,23 @@ def test_defaults_are_metas_and_rows_carry_them():
     values = row_values(p, seed=2**40 + 5)
     assert values["seed"] == 5 and values["temperature"] == np.float32(0.6)
     assert SamplingParams(stop="###").stop == ("###",)
+
+
+def test_logit_bias_rows_steer_greedy_and_sampled_tokens():
+    p = SamplingParams(logit_bias={7: 100, 2: -100.0, 3: 2.5})
+    assert p.logit_bias == ((2, -100.0), (3, 2.5), (7, 100))
+    assert SamplingParams(logit_bias=[(3, 1.0)]).logit_bias == ((3, 1.0),)
+    row = bias_row(p, 10)
+    np.testing.assert_array_equal(row, [0, 0, -100, 2.5, 0, 0, 0, 100, 0, 0])
+
+    v, n = 10, 400
+    logits = jnp.asarray(np.random.default_rng(4).standard_normal((n, v)) * 2, jnp.float32)
+    s = set_rows(_state(n, v), jnp.arange(n), {"temperature": jnp.full((n,), 1.0).at[0].set(0.0),
+                                               "seed": jnp.arange(n, dtype=jnp.uint32)},
+                 jnp.zeros((n, v), bool), jnp.tile(jnp.asarray(row), (n, 1)))
+    tokens = np.asarray(sample(logits, s, jnp.zeros((n,), jnp.int32)))
+    assert (tokens == 7).all()  # +100 dominates greedy and sampled rows alike
+    forbid = SamplingParams(logit_bias={int(t): -100 for t in np.argsort(-np.asarray(logits[0]))[:3]})
+    s = set_rows(_state(1, v), jnp.arange(1), {}, jnp.zeros((1, v), bool), jnp.asarray(bias_row(forbid, v))[None])
+    greedy = int(sample(logits[:1], s, jnp.zeros((1,), jnp.int32))[0])
+    assert greedy == int(np.argsort(-np.asarray(logits[0]))[3])  # the best token not pushed down

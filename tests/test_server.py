@@ -85,7 +85,8 @@ class ScriptedEngine:
     """Stands in for `Engine`: every request "generates" `script` (token ids), then <|eot_id|>.
     `delay` seconds per decode dispatch simulate a slow model."""
 
-    def __init__(self, max_slots: int, max_seq_len: int, decode_steps: int, eot: int):
+    def __init__(self, config: LlamaConfig, max_slots: int, max_seq_len: int, decode_steps: int, eot: int):
+        self.config = config
         self.max_slots, self.max_seq_len, self.decode_steps, self.eot = max_slots, max_seq_len, decode_steps, eot
         self.script: list[int] = []
         self.delay = 0.0
@@ -127,7 +128,7 @@ class ScriptedEngine:
 def scripted_llm(tiny_llm: LLM) -> LLM:
     tok = tiny_llm.tokenizer
     llm = LLM(tiny_llm.config, tiny_llm.params, tok, max_slots=4, max_seq_len=64)
-    llm.engine = ScriptedEngine(max_slots=4, max_seq_len=2048, decode_steps=4, eot=tok.special_tokens["<|eot_id|>"])
+    llm.engine = ScriptedEngine(tiny_llm.config, max_slots=4, max_seq_len=2048, decode_steps=4, eot=tok.special_tokens["<|eot_id|>"])
     llm.scheduler = Scheduler(llm.engine, tok)
     return llm
 
@@ -365,6 +366,24 @@ def test_sampling_fields_accepted(client: openai.OpenAI) -> None:
     assert r.usage.completion_tokens == 1
 
 
+def test_logit_bias(client: openai.OpenAI, url: str, tiny_llm: LLM) -> None:
+    tok = tiny_llm.tokenizer
+    banana = tok.encode(" banana")
+    assert len(banana) == 1
+    kw = dict(model=MODEL, prompt=TEXT, max_tokens=3, temperature=0)
+    forced = client.completions.create(**kw, logit_bias={str(banana[0]): 100})
+    assert forced.choices[0].text == " banana" * 3
+    # Pushing the greedy first token down makes the model pick its second choice.
+    plain = client.completions.create(**kw, logprobs=2)
+    first, second = plain.choices[0].logprobs.top_logprobs[0]
+    avoided = client.completions.create(**kw, logit_bias={str(tok.encode(first)[0]): -100}, logprobs=2)
+    assert avoided.choices[0].logprobs.tokens[0] == second
+    # Log-probabilities stay the model's, not the biased distribution's.
+    assert avoided.choices[0].logprobs.top_logprobs[0] == plain.choices[0].logprobs.top_logprobs[0]
+    r = httpx.post(f"{url}/v1/chat/completions", json=_chat(logit_bias={str(tiny_llm.config.vocab_size): 1}))
+    assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
+
+
 # ---- scripted output: tool calls, stop strings ----
 
 
@@ -555,7 +574,8 @@ def _chat(**kw: Any) -> dict[str, Any]:
     (_chat(stop=["a", "b", "c", "d", "e"]), "stop"),
     (_chat(bogus_field=1), "bogus_field"),
     (_chat(stream_options={"include_usage": True}), "stream_options"),
-    (_chat(logit_bias={"50": 10}), "logit_bias"),
+    (_chat(logit_bias={"50": 101}), "logit_bias"),
+    (_chat(logit_bias={"x": 1}), "logit_bias"),
     (_chat(functions=[{"name": "f"}]), "functions"),
     (_chat(response_format={"type": "json_object"}), "response_format.type"),
     (_chat(messages=[]), "messages"),

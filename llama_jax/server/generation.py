@@ -103,6 +103,7 @@ def sampling_params(
             frequency_penalty=float(body.frequency_penalty or 0.0),
             stop=tuple(body.stop or ()),
             ignore_eos=body.ignore_eos,
+            logit_bias={int(k): float(v) for k, v in (body.logit_bias or {}).items()},
             logprobs=logprobs,
             top_logprobs=top_logprobs,
         )

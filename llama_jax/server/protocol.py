@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..sampling import MAX_TOP_LOGPROBS
+from ..sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_N = 128  # OpenAI's limit on choices per request
@@ -183,7 +183,7 @@ class ResponseFormat(_Input):
 
 # Fields OpenAI documents that this server accepts only when absent, null or empty; any other
 # value is a 400 saying it is not supported.
-UNSUPPORTED = ("logit_bias", "functions", "function_call", "audio", "web_search_options", "suffix")
+UNSUPPORTED = ("functions", "function_call", "audio", "web_search_options", "suffix")
 
 
 class _SamplingFields(_Input):
@@ -222,6 +222,16 @@ class _SamplingFields(_Input):
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"logit_bias keys must be token ids (decimal integers), got {key!r}")
+            if not abs(value) <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {value}")
+        return bias
 
     @field_validator(*UNSUPPORTED, check_fields=False)
     @classmethod
