@@ -232,12 +232,18 @@ class LLM:
         if sched is None:
             raise ValueError("this checkpoint has no tokenizer: it cannot detokenize")
         start = time.perf_counter()
-        reqs = [sched.add(Request(ids, sp)) for ids, sp in jobs]
-        parts: dict[str, list[Event]] = {r.id: [] for r in reqs}
-        while any(not r.done for r in reqs):
-            for e in sched.step():
-                if e.request_id in parts:
-                    parts[e.request_id].append(e)
+        reqs: list[Request] = []
+        try:
+            reqs += [sched.add(Request(ids, sp)) for ids, sp in jobs]
+            parts: dict[str, list[Event]] = {r.id: [] for r in reqs}
+            while any(not r.done for r in reqs):
+                for e in sched.step():
+                    if e.request_id in parts:
+                        parts[e.request_id].append(e)
+        except BaseException:  # an invalid prompt, an interrupt, an engine failure: leave nothing queued
+            for r in reqs:
+                sched.cancel(r)
+            raise
         return [_completion(r, parts[r.id], start) for r in reqs]
 
     def _stream(self, ids: list[int], sampling: SamplingParams) -> Iterator[Event]:

@@ -103,7 +103,7 @@ class Engine:
             # Committed to the device like every step's outputs: the first call then compiles the
             # same program as all later ones (an uncommitted argument is a different program).
             device = jax.devices()[0]
-            self.cache, self.sampler, self.tokens, self.positions = jax.device_put(state(), device)
+            self._new_state = lambda: jax.device_put(state(), device)
         else:
             if max_slots % shardings.dp:
                 raise ValueError(f"max_slots ({max_slots}) must be a multiple of the mesh's dp size ({shardings.dp})")
@@ -117,7 +117,7 @@ class Engine:
             cache_sh = shardings.cache_for(dtype)
             state_sh = (cache_sh, sampler_sh, rows, rows)
             # Built in place on the devices: the full cache never sits on one device.
-            self.cache, self.sampler, self.tokens, self.positions = jax.jit(state, out_shardings=state_sh)()
+            self._new_state = jax.jit(state, out_shardings=state_sh)
             prefill_sh = dict(
                 in_shardings=(shardings.params, cache_sh, sampler_sh) + (rep,) * 7,
                 out_shardings=(cache_sh, sampler_sh, rep),
@@ -125,6 +125,7 @@ class Engine:
             decode_sh = dict(in_shardings=(shardings.params,) + state_sh, out_shardings=state_sh + (rep,))
             release_sh = dict(in_shardings=(rows, sampler_sh, rep), out_shardings=(rows, sampler_sh))
         self._all_rows = shardings is not None and shardings.dp > 1  # see decode_rows
+        self.cache, self.sampler, self.tokens, self.positions = self._new_state()
         # Host mirror: position of each slot's last token, or None when the slot is free.
         self.slot_pos: list[int | None] = [None] * max_slots
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(10, 11), donate_argnums=(1, 2), **prefill_sh)
@@ -288,6 +289,15 @@ class Engine:
             if p is not None:
                 self.slot_pos[i] = p + steps
         return _host_output(outs, (steps, rows))
+
+    def reset(self) -> None:
+        """Free every slot and start from a fresh cache and sampler state: after a step that
+        failed (or was interrupted), whose donated buffers may be gone."""
+        for a in jax.tree.leaves((self.cache, self.sampler, self.tokens, self.positions)):
+            if not a.is_deleted():  # freed first: the device may not hold two caches
+                a.delete()
+        self.cache, self.sampler, self.tokens, self.positions = self._new_state()
+        self.slot_pos = [None] * self.max_slots
 
     def release(self, slot: int) -> None:
         self.slot_pos[slot] = None

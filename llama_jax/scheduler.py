@@ -134,6 +134,24 @@ class Scheduler:
 
     # ---- the loop body (engine thread only) ----
     def step(self) -> list[Event]:
+        """Admit, decode and hand out one round of tokens; the events of this step. If the engine
+        fails (or the step is interrupted), the admitted requests are dropped, unfinished, the
+        engine starts afresh and the error propagates; waiting requests stay queued."""
+        try:
+            return self._step()
+        except BaseException:
+            self._drop_admitted()
+            raise
+
+    def _drop_admitted(self) -> None:
+        for req in self._by_id.values():
+            req.done, req.slot = True, None
+        self._by_id.clear()
+        self._text.clear()
+        self.running.clear()
+        self.engine.reset()
+
+    def _step(self) -> list[Event]:
         events: list[Event] = []
         self._drop_cancelled(events)
         admitted: list[Event] = []  # already handed out, one request at a time

@@ -106,6 +106,43 @@ def test_bad_prompts_are_refused(llm):
         llm.generate([1, 10**9])
 
 
+def test_a_failed_or_interrupted_step_leaves_the_llm_usable(llm, monkeypatch):
+    """An engine failure that took the donated cache with it, or a Ctrl-C during a batch: the
+    call raises, nothing stays queued or running, and the next call gives the usual answer."""
+    greedy = SamplingParams.greedy(max_tokens=12, ignore_eos=True)
+    prompts = [_chat_ids(llm, p) for p in PROMPTS]
+    want = [o.token_ids for o in llm.generate(prompts, greedy)]
+    engine, sched = llm.engine, llm.scheduler
+    decode = engine._decode
+
+    def broken(*args, **kw):  # a runtime failure after the inputs were donated
+        jax.tree.map(lambda a: a.delete(), engine.cache)
+        raise RuntimeError("device failure")
+
+    monkeypatch.setattr(engine, "_decode", broken)
+    with pytest.raises(RuntimeError, match="device failure"):
+        llm.generate(prompts, greedy)
+    monkeypatch.setattr(engine, "_decode", decode)
+    assert not sched.has_work() and not sched.running and engine.free_slots() == list(range(engine.max_slots))
+    assert [o.token_ids for o in llm.generate(prompts, greedy)] == want
+
+    consume, calls = sched._consume, [0]
+
+    def interrupted(*args, **kw):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return consume(*args, **kw)
+
+    monkeypatch.setattr(sched, "_consume", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts * 2, greedy)  # 4 slots: two prompts still queued
+    monkeypatch.setattr(sched, "_consume", consume)
+    assert len(sched.waiting) == 2 and all(r.cancelled for r in sched.waiting)
+    assert [o.token_ids for o in llm.generate(prompts, greedy)] == want
+    assert not sched.has_work() and not sched._by_id
+
+
 def test_compilation_cache_is_on(llm):
     assert jax.config.jax_compilation_cache_dir
 

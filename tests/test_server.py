@@ -123,6 +123,9 @@ class ScriptedEngine:
     def release(self, slot: int) -> None:
         self._left.pop(slot, None)
 
+    def reset(self) -> None:
+        self._left.clear()
+
 
 @pytest.fixture(scope="module")
 def scripted_llm(tiny_llm: LLM) -> LLM:
