@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 import time
 from pathlib import Path
@@ -22,8 +23,10 @@ from .config import LlamaConfig
 from .engine import Engine
 from .model import KVCache, Params, forward
 from .sampling import SamplingParams
-from .scheduler import Event, Request, Scheduler, TokenLogprob
+from .scheduler import Event, Request, Scheduler, TokenLogprob, check_token_ids
 from .tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 
@@ -72,6 +75,9 @@ class LLM:
         self.params = params
         self.tokenizer = tokenizer
         self.path = path
+        if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+            log.warning("the tokenizer has %d tokens but the model %d: prompts holding the extra ids are refused",
+                        tokenizer.vocab_size, config.vocab_size)
         self.attention_impl = attention_impl
         self.engine = Engine(
             config, params, max_slots=max_slots, max_seq_len=max_seq_len, decode_steps=decode_steps,
@@ -128,10 +134,7 @@ class LLM:
             ids = [int(t) for t in prompt]
             if not ids:
                 raise ValueError("the prompt is empty")
-        # Ids past the model's vocabulary also come from a tokenizer that does not match the model.
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        check_token_ids(ids, self.config.vocab_size)
         return ids
 
     def _check_length(self, ids: list[int]) -> None:

@@ -2,7 +2,8 @@
 
 - Prefill runs prompts into slots, padded to a length bucket (chunked past the largest bucket)
   and a power-of-two number of rows, so a new prompt length or count never compiles a new
-  program. Prompts admitted together share one call per length bucket.
+  program. Prompts admitted together share one call per length bucket. `prefill_next` runs one
+  chunk of each prompt per call, so a scheduler can interleave a long prompt with decoding.
 - Decode advances the live slots by `decode_steps` tokens in one dispatch (a scan inside jit),
   computing the first power-of-two number of slots that holds them all (the scheduler fills the
   lowest free slot first).
@@ -128,6 +129,8 @@ class Engine:
         self.cache, self.sampler, self.tokens, self.positions = self._new_state()
         # Host mirror: position of each slot's last token, or None when the slot is free.
         self.slot_pos: list[int | None] = [None] * max_slots
+        # Slots whose prompt is partly in the cache (prefill_next): tokens written so far.
+        self.filling: dict[int, int] = {}
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(10, 11), donate_argnums=(1, 2), **prefill_sh)
         self._decode = jax.jit(self._decode_fn, static_argnums=(5, 6, 7, 8), donate_argnums=(1, 2, 3, 4), **decode_sh)
         self._release = jax.jit(self._park_fn, donate_argnums=(0, 1), **release_sh)
@@ -184,7 +187,7 @@ class Engine:
 
     # ---- host API ----
     def free_slots(self) -> list[int]:
-        return [i for i, p in enumerate(self.slot_pos) if p is None]
+        return [i for i, p in enumerate(self.slot_pos) if p is None and i not in self.filling]
 
     def bucket_for(self, n: int) -> int:
         return next((b for b in self.prefill_buckets if b >= n), self.prefill_buckets[-1])
@@ -201,10 +204,23 @@ class Engine:
         return self.prefill_many([PrefillJob(slot, prompt, sampling, seed)])
 
     def prefill_many(self, jobs: Sequence[PrefillJob]) -> StepOutput:
-        """Fill each job's slot with its prompt and sample its first token (column i: job i).
+        """Fill each job's slot with its whole prompt and sample its first token (column i: job i)."""
+        columns: dict[int, StepOutput] = {}
+        while True:
+            pending = [i for i in range(len(jobs)) if i not in columns]
+            for i, c in zip(pending, self.prefill_next([jobs[i] for i in pending])):
+                if c is not None:
+                    columns[i] = c
+            if len(columns) == len(jobs):
+                return _stack_columns([columns[i] for i in range(len(jobs))])
 
-        A prompt's chunks before its last run alone; the last chunks of all prompts run together,
-        one call per length bucket, so a short prompt is never padded to a long one's bucket."""
+    def prefill_next(self, jobs: Sequence[PrefillJob]) -> list[StepOutput | None]:
+        """Write the next piece of each job's prompt into its slot, in one call per length bucket.
+
+        If the rest of a prompt fits the largest bucket, it is written whole, the slot goes live and
+        its first token is sampled: entry i of the result (a (1, 1) StepOutput). Otherwise the next
+        largest-bucket chunk is written, entry i is None and the slot stays reserved (`filling`, not
+        free, not decoded) until a later call with the same job finishes it."""
         if not jobs:
             raise ValueError("no prompts to prefill")
         slots = [j.slot for j in jobs]
@@ -218,25 +234,31 @@ class Engine:
             if not 0 < len(j.prompt) < self.max_seq_len:
                 raise ValueError(f"prompt length {len(j.prompt)} must be in [1, {self.max_seq_len - 1}]")
         chunk = self.prefill_buckets[-1]
-        groups: dict[int, list[tuple[int, int]]] = {}  # length bucket -> [(job index, start)]
+        starts = [self.filling.get(j.slot, 0) for j in jobs]
+        final = [len(j.prompt) - s <= chunk for j, s in zip(jobs, starts)]
+        groups: dict[int, list[int]] = {}  # length bucket -> job indices
         for i, j in enumerate(jobs):
-            last = (len(j.prompt) - 1) // chunk * chunk
-            for start in range(0, last, chunk):
-                self._prefill_chunk([(j, start)], chunk, want_lp=False)
-            groups.setdefault(self.bucket_for(len(j.prompt) - last), []).append((i, last))
-        lp = any(j.sampling.logprobs for j in jobs)
+            groups.setdefault(self.bucket_for(len(j.prompt) - starts[i]) if final[i] else chunk, []).append(i)
         columns: list[StepOutput | None] = [None] * len(jobs)
         for bucket, members in groups.items():
-            out = self._prefill_chunk([(jobs[i], start) for i, start in members], bucket, want_lp=lp)
-            for c, (i, _) in enumerate(members):
-                columns[i] = _column(out, c)
-        firsts = np.array([int(c.tokens[0, 0]) for c in columns], np.int32)
-        index = jnp.asarray(np.array(slots, np.int32))
-        self.tokens = self.tokens.at[index].set(jnp.asarray(firsts))
-        self.positions = self.positions.at[index].set(jnp.asarray(np.array([len(j.prompt) for j in jobs], np.int32)))
-        for j in jobs:
-            self.slot_pos[j.slot] = len(j.prompt)
-        return _stack_columns(columns)
+            lp = any(final[i] and jobs[i].sampling.logprobs for i in members)
+            out = self._prefill_chunk([(jobs[i], starts[i]) for i in members], bucket, want_lp=lp)
+            for c, i in enumerate(members):
+                if final[i]:
+                    columns[i] = _column(out, c)
+                else:
+                    self.filling[jobs[i].slot] = starts[i] + chunk
+        done = [i for i in range(len(jobs)) if final[i]]
+        if done:
+            index = jnp.asarray(np.array([slots[i] for i in done], np.int32))
+            firsts = np.array([columns[i].tokens[0, 0] for i in done], np.int32)
+            lengths = np.array([len(jobs[i].prompt) for i in done], np.int32)
+            self.tokens = self.tokens.at[index].set(jnp.asarray(firsts))
+            self.positions = self.positions.at[index].set(jnp.asarray(lengths))
+            for i in done:
+                self.filling.pop(slots[i], None)
+                self.slot_pos[slots[i]] = len(jobs[i].prompt)
+        return columns
 
     def _prefill_chunk(self, pieces: list[tuple[PrefillJob, int]], bucket: int, want_lp: bool) -> StepOutput:
         """Run prompt chunks job.prompt[start : start + bucket] of several jobs in one call."""
@@ -298,9 +320,11 @@ class Engine:
                 a.delete()
         self.cache, self.sampler, self.tokens, self.positions = self._new_state()
         self.slot_pos = [None] * self.max_slots
+        self.filling.clear()
 
     def release(self, slot: int) -> None:
         self.slot_pos[slot] = None
+        self.filling.pop(slot, None)
         self.positions, self.sampler = self._release(self.positions, self.sampler, jnp.int32(slot))
 
 
@@ -324,8 +348,13 @@ def _column(out: StepOutput, c: int) -> StepOutput:
 
 
 def _stack_columns(columns: Sequence[StepOutput]) -> StepOutput:
+    """One StepOutput of (1, 1) columns. Columns computed without log-probabilities (their jobs
+    did not ask, while another job's did) get zeros there."""
     tokens = np.concatenate([c.tokens for c in columns], axis=1)
-    if columns[0].logprobs is None:
+    if all(c.logprobs is None for c in columns):
         return StepOutput(tokens)
-    cat = lambda name: np.concatenate([getattr(c, name) for c in columns], axis=1)  # noqa: E731
-    return StepOutput(tokens, cat("logprobs"), cat("top_logprobs"), cat("top_ids"))
+    zero = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    fields = [(c.logprobs, c.top_logprobs, c.top_ids) if c.logprobs is not None
+              else (zero(1, 1), zero(1, 1, MAX_TOP_LOGPROBS), zero(1, 1, MAX_TOP_LOGPROBS).astype(np.int32))
+              for c in columns]
+    return StepOutput(tokens, *(np.concatenate(f, axis=1) for f in zip(*fields)))

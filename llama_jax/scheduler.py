@@ -1,7 +1,10 @@
 """Continuous batching: requests wait in a queue, take a free engine slot between decode calls,
 stream their tokens out as events and give the slot back when they finish.
 
-`step()` is the whole loop body: admit (prefill) → decode → hand out tokens → release.
+`step()` is the whole loop body: prefill (new requests into free slots, and the next chunk of
+prompts too long for one call, within a token budget) → decode the running slots → hand out
+tokens → release. A long prompt is prefilled a chunk per step, between decode dispatches, so it
+never stalls the running streams for longer than one chunk.
 The batch API (`LLM.generate`) calls it until its requests are done; the HTTP server calls it
 from its engine thread. Requests may be added or cancelled from other threads.
 """
@@ -20,6 +23,13 @@ import numpy as np
 from .engine import Engine, PrefillJob, StepOutput
 from .sampling import SamplingParams, seeds_for
 from .tokenizer import IncrementalDecoder, Tokenizer
+
+
+def check_token_ids(ids: list[int], vocab: int) -> None:
+    """Refuse ids outside [0, vocab): they also come from a tokenizer that does not match the model."""
+    if ids and not 0 <= min(ids) <= max(ids) < vocab:
+        bad = next(t for t in ids if not 0 <= t < vocab)
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
 
 
 class QueueFull(RuntimeError):
@@ -90,12 +100,21 @@ class _StopText:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, *, max_queue: int = 256, seed: int = 0):
+    """`prefill_budget`: prompt tokens prefilled per step (default: the engine's largest prefill
+    bucket); the first piece always runs, however long."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, *, max_queue: int = 256, seed: int = 0,
+                 prefill_budget: int | None = None):
+        if prefill_budget is not None and prefill_budget < 1:
+            raise ValueError(f"prefill_budget must be >= 1, got {prefill_budget}")
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_queue = max_queue
+        self.prefill_budget = prefill_budget or engine.prefill_buckets[-1]
         self.waiting: collections.deque[Request] = collections.deque()
+        self.filling: dict[int, tuple[Request, PrefillJob]] = {}  # slot -> prompt partly prefilled
         self.running: dict[int, Request] = {}
+        self._skipped_decode = False
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._rng = np.random.default_rng(seed)
@@ -112,6 +131,7 @@ class Scheduler:
         if n >= limit:
             raise ValueError(f"the prompt has {n} tokens; the context holds {limit} (prompt + output)")
         vocab = self.engine.config.vocab_size
+        check_token_ids(request.prompt, vocab)
         outside = [t for t, _ in request.sampling.logit_bias if t >= vocab]
         if outside:
             raise ValueError(f"logit_bias names token ids past the vocabulary ({vocab} tokens): {outside[:5]}")
@@ -126,7 +146,7 @@ class Scheduler:
         request.cancelled = True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.filling or self.running)
 
     @property
     def queue_depth(self) -> int:
@@ -148,23 +168,29 @@ class Scheduler:
             req.done, req.slot = True, None
         self._by_id.clear()
         self._text.clear()
+        self.filling.clear()
         self.running.clear()
         self.engine.reset()
 
     def _step(self) -> list[Event]:
         events: list[Event] = []
         self._drop_cancelled(events)
-        admitted: list[Event] = []  # already handed out, one request at a time
-        # A step that admitted requests returns their first tokens before decoding, so time to
-        # first token is one prefill, not a prefill plus a decode dispatch.
-        if not self._admit(admitted) and self.running:
+        # First tokens are handed out as soon as the prefill samples them. A step that started
+        # new requests returns before decoding, so requests arriving together are prefilled
+        # together instead of waiting out a decode dispatch; but never two steps in a row, so
+        # running streams keep moving under steady arrivals.
+        admitted: list[Event] = []
+        started = self._prefill(admitted)
+        skip = started and not self._skipped_decode
+        self._skipped_decode = skip
+        if self.running and not skip:
             want_lp = any(r.sampling.logprobs for r in self.running.values())
             out = self.engine.decode(want_logprobs=want_lp)
             for slot, req in list(self.running.items()):
                 events.extend(self._consume(req, out, slot))
         self._dispatch(events)
         self._forget_done()
-        return events + admitted
+        return admitted + events
 
     def _dispatch(self, events: list[Event]) -> None:
         for e in events:
@@ -180,24 +206,25 @@ class Scheduler:
             for req in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(req)
                 self._finish(req, "cancelled", events, [], "", None)
-        for slot, req in list(self.running.items()):
+        for req in [*self.running.values(), *(r for r, _ in self.filling.values())]:
             if req.cancelled:
                 self._finish(req, "cancelled", events, [], "", None)
 
-    def _admit(self, events: list[Event]) -> bool:
-        """Prefill waiting requests into free slots, all in one engine call, and hand out each
-        one's first events at once (they are also appended to `events`); whether any was admitted."""
+    def _prefill(self, events: list[Event]) -> bool:
+        """One prefill call: the next chunk of each partly prefilled prompt, then waiting requests
+        into free slots while the budget lasts. Requests whose prompt is complete start running;
+        their first events are handed out at once (and appended to `events`). Whether any started."""
+        chunk = self.engine.prefill_buckets[-1]
+        work = list(self.filling.values())
+        spent = sum(min(chunk, len(job.prompt) - self.engine.filling[job.slot]) for _, job in work)
         free = self.engine.free_slots()
         taken: list[Request] = []
         with self._lock:
-            while self.waiting and len(taken) < len(free):
-                taken.append(self.waiting.popleft())
-        if not taken:
-            return False
-        jobs: list[PrefillJob] = []
-        owners: list[Request] = []
-        seeds = seeds_for([r.sampling for r in taken], self._rng)
-        for req, seed in zip(taken, seeds):
+            while self.waiting and len(taken) < len(free) and (spent < self.prefill_budget or not (work or taken)):
+                req = self.waiting.popleft()
+                taken.append(req)
+                spent += min(chunk, len(req.prompt))
+        for req, seed in zip(taken, seeds_for([r.sampling for r in taken], self._rng)):
             self._by_id[req.id] = req
             self._text[req.id] = (IncrementalDecoder(self.tokenizer), _StopText(req.sampling.stop))
             if req.sampling.max_tokens == 0:
@@ -206,17 +233,21 @@ class Scheduler:
                 self._dispatch(done)
                 events.extend(done)
                 continue
-            req.slot = free[len(jobs)]
-            jobs.append(PrefillJob(req.slot, req.prompt, req.sampling, seed))
-            owners.append(req)
-        if jobs:
-            out = self.engine.prefill_many(jobs)
-            for column, req in enumerate(owners):
-                self.running[req.slot] = req
-                first = self._consume(req, out, column)
-                self._dispatch(first)
-                events.extend(first)
-        return True
+            req.slot = free.pop(0)
+            work.append((req, PrefillJob(req.slot, req.prompt, req.sampling, seed)))
+        if not work:
+            return False
+        outs = self.engine.prefill_next([job for _, job in work])
+        for (req, job), out in zip(work, outs):
+            if out is None:
+                self.filling[job.slot] = (req, job)
+                continue
+            self.filling.pop(job.slot, None)
+            self.running[job.slot] = req
+            first = self._consume(req, out, 0)
+            self._dispatch(first)
+            events.extend(first)
+        return any(out is not None for out in outs)
 
     def _consume(self, req: Request, out: StepOutput, column: int) -> list[Event]:
         """Hand out the tokens in column `column` of `out` to `req`, stopping where it finishes."""
@@ -262,6 +293,7 @@ class Scheduler:
         self._by_id[req.id] = req
         if req.slot is not None:
             self.running.pop(req.slot, None)
+            self.filling.pop(req.slot, None)
             self.engine.release(req.slot)
             req.slot = None
         events.append(self._event(req, new, text, lps, reason))

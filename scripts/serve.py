@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, default=4096, help="context per sequence, prompt + output")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 503s")
     p.add_argument("--decode-steps", type=int, default=8, help="tokens per sequence per decode dispatch")
+    p.add_argument("--prefill-budget", type=int,
+                   help="prompt tokens prefilled between two decode dispatches (default: the largest prefill bucket)")
     p.add_argument("--attention", choices=["xla", "pallas"], default="xla")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body (413 beyond)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the common shapes before serving")
@@ -50,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     add_arguments(p)
     args = p.parse_args(argv)
-    for name in ("max_slots", "max_seq_len", "max_queue", "decode_steps"):
-        if getattr(args, name) < 1:
+    for name in ("max_slots", "max_seq_len", "max_queue", "decode_steps", "prefill_budget"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.port < 65536:
         p.error("--port must be in 1..65535")
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     except (ValueError, OSError) as e:  # bad path, config, checkpoint or mesh: say which, no traceback
         sys.exit(f"error: {e}")
+    if args.prefill_budget is not None:
+        llm.scheduler.prefill_budget = args.prefill_budget
     if not args.no_warmup:
         print(f"warm-up (compiling) took {warm_up(llm):.1f}s", file=sys.stderr)
     app = create_app(llm, model_name=args.model_name, max_queue=args.max_queue,

@@ -87,6 +87,8 @@ class ScriptedEngine:
 
     def __init__(self, config: LlamaConfig, max_slots: int, max_seq_len: int, decode_steps: int, eot: int):
         self.config = config
+        self.prefill_buckets = (max_seq_len,)
+        self.filling: dict[int, int] = {}  # never used: every prompt fits one call
         self.max_slots, self.max_seq_len, self.decode_steps, self.eot = max_slots, max_seq_len, decode_steps, eot
         self.script: list[int] = []
         self.delay = 0.0
@@ -102,11 +104,11 @@ class ScriptedEngine:
         top_ids = np.repeat(tokens[..., None], MAX_TOP_LOGPROBS, axis=-1)
         return StepOutput(tokens, np.full(tokens.shape, -0.5), np.full(top_ids.shape, -0.5), top_ids)
 
-    def prefill_many(self, jobs: list[PrefillJob]) -> StepOutput:
+    def prefill_next(self, jobs: list[PrefillJob]) -> list[StepOutput]:
         seq = [*self.script, self.eot]
         for job in jobs:
             self._left[job.slot] = seq[1:]
-        return self._output(np.full((1, len(jobs)), seq[0]), any(j.sampling.logprobs for j in jobs))
+        return [self._output(np.full((1, 1), seq[0]), job.sampling.logprobs) for job in jobs]
 
     def decode(self, want_logprobs: bool = False, steps: int | None = None) -> StepOutput:
         time.sleep(self.delay)
