@@ -175,13 +175,14 @@ class Scheduler:
     def _step(self) -> list[Event]:
         events: list[Event] = []
         self._drop_cancelled(events)
-        # First tokens are handed out as soon as the prefill samples them. A step that started
-        # new requests returns before decoding, so requests arriving together are prefilled
-        # together instead of waiting out a decode dispatch; but never two steps in a row, so
-        # running streams keep moving under steady arrivals.
+        # First tokens are handed out as soon as the prefill samples them. A step that only
+        # started short requests returns before decoding, so requests arriving together are
+        # prefilled together instead of waiting out a decode dispatch; but never two steps in a
+        # row, so running streams keep moving under steady arrivals. A step that prefilled a
+        # chunk of a long prompt always decodes: the streams have waited a chunk already.
         admitted: list[Event] = []
-        started = self._prefill(admitted)
-        skip = started and not self._skipped_decode
+        started_short = self._prefill(admitted)
+        skip = started_short and not self._skipped_decode
         self._skipped_decode = skip
         if self.running and not skip:
             want_lp = any(r.sampling.logprobs for r in self.running.values())
@@ -213,9 +214,11 @@ class Scheduler:
     def _prefill(self, events: list[Event]) -> bool:
         """One prefill call: the next chunk of each partly prefilled prompt, then waiting requests
         into free slots while the budget lasts. Requests whose prompt is complete start running;
-        their first events are handed out at once (and appended to `events`). Whether any started."""
+        their first events are handed out at once (and appended to `events`). Whether the call
+        started requests and held only whole prompts (no chunk of a longer one)."""
         chunk = self.engine.prefill_buckets[-1]
         work = list(self.filling.values())
+        chunked = bool(work)
         spent = sum(min(chunk, len(job.prompt) - self.engine.filling[job.slot]) for _, job in work)
         free = self.engine.free_slots()
         taken: list[Request] = []
@@ -247,7 +250,7 @@ class Scheduler:
             first = self._consume(req, out, 0)
             self._dispatch(first)
             events.extend(first)
-        return any(out is not None for out in outs)
+        return not chunked and all(out is not None for out in outs)
 
     def _consume(self, req: Request, out: StepOutput, column: int) -> list[Event]:
         """Hand out the tokens in column `column` of `out` to `req`, stopping where it finishes."""
