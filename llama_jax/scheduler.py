@@ -100,8 +100,10 @@ class _StopText:
 
 
 class Scheduler:
-    """`prefill_budget`: prompt tokens prefilled per step (default: the engine's largest prefill
-    bucket); the first piece always runs, however long."""
+    """`prefill_budget`: prompt tokens a step prefills (default: four of the engine's largest
+    prefill buckets). A prompt gets one piece (at most the largest bucket) per step; prompts
+    partly prefilled go first, then waiting requests while the budget lasts; the first piece of
+    a step always runs."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, *, max_queue: int = 256, seed: int = 0,
                  prefill_budget: int | None = None):
@@ -110,7 +112,7 @@ class Scheduler:
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_queue = max_queue
-        self.prefill_budget = prefill_budget or engine.prefill_buckets[-1]
+        self.prefill_budget = prefill_budget or 4 * engine.prefill_buckets[-1]
         self.waiting: collections.deque[Request] = collections.deque()
         self.filling: dict[int, tuple[Request, PrefillJob]] = {}  # slot -> prompt partly prefilled
         self.running: dict[int, Request] = {}

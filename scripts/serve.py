@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 503s")
     p.add_argument("--decode-steps", type=int, default=8, help="tokens per sequence per decode dispatch")
     p.add_argument("--prefill-budget", type=int,
-                   help="prompt tokens prefilled between two decode dispatches (default: the largest prefill bucket)")
+                   help="prompt tokens prefilled between two decode dispatches (default: 4 x the largest bucket)")
     p.add_argument("--attention", choices=["xla", "pallas"], default="xla")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body (413 beyond)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the common shapes before serving")
