@@ -44,6 +44,7 @@ class PrefillJob:
     prompt: list[int]
     sampling: SamplingParams
     seed: int
+    stop_ids: tuple[int, ...] = ()  # not sampled before sampling.min_tokens tokens
 
 
 @dataclasses.dataclass
@@ -120,7 +121,7 @@ class Engine:
             # Built in place on the devices: the full cache never sits on one device.
             self._new_state = jax.jit(state, out_shardings=state_sh)
             prefill_sh = dict(
-                in_shardings=(shardings.params, cache_sh, sampler_sh) + (rep,) * 7,
+                in_shardings=(shardings.params, cache_sh, sampler_sh) + (rep,) * 8,
                 out_shardings=(cache_sh, sampler_sh, rep),
             )
             decode_sh = dict(in_shardings=(shardings.params,) + state_sh, out_shardings=state_sh + (rep,))
@@ -131,13 +132,14 @@ class Engine:
         self.slot_pos: list[int | None] = [None] * max_slots
         # Slots whose prompt is partly in the cache (prefill_next): tokens written so far.
         self.filling: dict[int, int] = {}
-        self._prefill = jax.jit(self._prefill_fn, static_argnums=(10, 11), donate_argnums=(1, 2), **prefill_sh)
+        self._prefill = jax.jit(self._prefill_fn, static_argnums=(11, 12), donate_argnums=(1, 2), **prefill_sh)
         self._decode = jax.jit(self._decode_fn, static_argnums=(5, 6, 7, 8), donate_argnums=(1, 2, 3, 4), **decode_sh)
         self._release = jax.jit(self._park_fn, donate_argnums=(0, 1), **release_sh)
 
     # ---- jitted bodies ----
     # Static arguments are positional: jit takes no keyword arguments once in_shardings are given.
-    def _prefill_fn(self, params, cache, sampler, tokens, start, length, slots, values, seen, bias, kv_window, want_lp):
+    def _prefill_fn(self, params, cache, sampler, tokens, start, length, slots, values, seen, bias, stops, kv_window,
+                    want_lp):
         """One chunk of N prompts: row i's tokens (N, T) at positions start[i]..start[i]+T-1,
         length[i] of them real, into slot slots[i]. Padding rows (slot == max_slots, length 0)
         write nothing: their positions are parked past the cache and their sampler rows dropped."""
@@ -149,7 +151,7 @@ class Engine:
             params, self.config, tokens, positions, cache, logits_at=jnp.maximum(length - 1, 0),
             cache_rows=rows, kv_window=kv_window, attention_impl=self.attention_impl,
         )
-        sampler = set_rows(sampler, slots, values, seen, bias)
+        sampler = set_rows(sampler, slots, values, seen, bias, stops)
         token = sample(logits, jax.tree.map(lambda a: a[rows], sampler), start + length)
         sampler = record_rows(sampler, slots, token)
         out = (token,) + (token_logprobs(logits, token, MAX_TOP_LOGPROBS) if want_lp else ())
@@ -270,6 +272,7 @@ class Engine:
         slots = np.full((n,), self.max_slots, np.int32)
         seen = np.zeros((n, vocab), bool)  # prompt tokens, for the repetition penalty
         bias = np.zeros((n, vocab), np.float32)
+        stops = np.zeros((n, vocab), bool)
         rows = [row_values(j.sampling, j.seed) for j, _ in pieces]
         rows += [rows[0]] * (n - len(pieces))
         for r, (j, s) in enumerate(pieces):
@@ -278,10 +281,11 @@ class Engine:
             start[r], length[r], slots[r] = s, len(piece), j.slot
             seen[r, np.asarray(j.prompt)] = True
             bias[r] = bias_row(j.sampling, vocab)
+            stops[r, list(j.stop_ids)] = True
         values = {k: jnp.asarray(np.stack([v[k] for v in rows])) for k in rows[0]}
         self.cache, self.sampler, out = self._prefill(
             self.params, self.cache, self.sampler, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(length),
-            jnp.asarray(slots), values, jnp.asarray(seen), jnp.asarray(bias), self.kv_window_for(int(start.max()) + bucket), want_lp,
+            jnp.asarray(slots), values, jnp.asarray(seen), jnp.asarray(bias), jnp.asarray(stops), self.kv_window_for(int(start.max()) + bucket), want_lp,
         )
         return _host_output(out, (1, n))
 

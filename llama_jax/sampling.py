@@ -33,8 +33,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()  # besides the checkpoint's end-of-turn/text tokens
+    ignore_eos: bool = False  # no stop token ends the sequence (stop strings and max_tokens do)
+    min_tokens: int = 0  # tokens generated before a stop token may be sampled (vLLM's min_tokens)
     logprobs: bool = False
     top_logprobs: int = 0
     # Added to the model's logits before penalties and sampling (greedy too), as OpenAI's
@@ -68,6 +69,9 @@ class SamplingParams:
         check(_finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
         check(_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
         check(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
+        check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+              f"must be an integer in [0, max_tokens={self.max_tokens}]")
+        check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0")
         check(self.seed is None or _is_int(self.seed), "seed", "must be an integer or None")
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         check(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
@@ -108,6 +112,8 @@ class SamplerState:
     output_counts: jax.Array  # (B, V) int32: how often each token was generated
     seen: jax.Array  # (B, V) bool: token appears in the prompt or the output
     logit_bias: jax.Array  # (B, V) float32: added to the logits
+    min_left: jax.Array  # int32: tokens to generate before a stop token may be sampled
+    stop_mask: jax.Array  # (B, V) bool: the row's stop tokens, banned while min_left > 0
 
     @classmethod
     def empty(cls, batch: int, vocab: int) -> "SamplerState":
@@ -118,6 +124,7 @@ class SamplerState:
             seed=jnp.zeros((batch,), jnp.uint32),
             output_counts=jnp.zeros((batch, vocab), jnp.int32), seen=jnp.zeros((batch, vocab), bool),
             logit_bias=jnp.zeros((batch, vocab), jnp.float32),
+            min_left=jnp.zeros((batch,), jnp.int32), stop_mask=jnp.zeros((batch, vocab), bool),
         )
 
 
@@ -127,7 +134,7 @@ def row_values(p: SamplingParams, seed: int) -> dict[str, np.ndarray]:
         temperature=np.float32(p.temperature), top_p=np.float32(p.top_p), top_k=np.int32(p.top_k),
         min_p=np.float32(p.min_p), repetition_penalty=np.float32(p.repetition_penalty),
         presence_penalty=np.float32(p.presence_penalty), frequency_penalty=np.float32(p.frequency_penalty),
-        seed=np.uint32(seed & 0xFFFFFFFF),
+        seed=np.uint32(seed & 0xFFFFFFFF), min_left=np.int32(p.min_tokens),
     )
 
 
@@ -141,17 +148,19 @@ def bias_row(p: SamplingParams, vocab: int) -> np.ndarray:
 
 
 def set_rows(
-    state: SamplerState, rows: jax.Array, values: dict[str, jax.Array], seen: jax.Array, bias: jax.Array
+    state: SamplerState, rows: jax.Array, values: dict[str, jax.Array], seen: jax.Array, bias: jax.Array,
+    stops: jax.Array,
 ) -> SamplerState:
     """Reset rows `rows` (N,) for new requests: `values` holds (N,) fields, `seen` (N, V) bool marks
-    each prompt's tokens, `bias` (N, V) holds their logit biases. Rows past the state's batch are
-    dropped (padding)."""
+    each prompt's tokens, `bias` (N, V) holds their logit biases and `stops` (N, V) bool their stop
+    tokens (for min_tokens). Rows past the state's batch are dropped (padding)."""
     fields = {k: getattr(state, k).at[rows].set(v, mode="drop") for k, v in values.items()}
     return dataclasses.replace(
         state, **fields,
         output_counts=state.output_counts.at[rows].set(0, mode="drop"),
         seen=state.seen.at[rows].set(seen, mode="drop"),
         logit_bias=state.logit_bias.at[rows].set(bias, mode="drop"),
+        stop_mask=state.stop_mask.at[rows].set(stops, mode="drop"),
     )
 
 
@@ -161,6 +170,7 @@ def record_rows(state: SamplerState, rows: jax.Array, tokens: jax.Array) -> Samp
         state,
         output_counts=state.output_counts.at[rows, tokens].add(1, mode="drop"),
         seen=state.seen.at[rows, tokens].set(True, mode="drop"),
+        min_left=state.min_left.at[rows].add(-1, mode="drop"),
     )
 
 
@@ -171,7 +181,7 @@ def record(state: SamplerState, tokens: jax.Array) -> SamplerState:
 
 def _penalise(logits: jax.Array, s: SamplerState) -> jax.Array:
     # The bias first, as vLLM does: penalties then act on the biased logits.
-    logits = logits + s.logit_bias
+    logits = jnp.where(s.stop_mask & (s.min_left > 0)[:, None], -jnp.inf, logits + s.logit_bias)
     rep = s.repetition_penalty[:, None]
     logits = jnp.where(s.seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     counts = s.output_counts.astype(jnp.float32)

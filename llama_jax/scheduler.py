@@ -239,7 +239,7 @@ class Scheduler:
                 events.extend(done)
                 continue
             req.slot = free.pop(0)
-            work.append((req, PrefillJob(req.slot, req.prompt, req.sampling, seed)))
+            work.append((req, PrefillJob(req.slot, req.prompt, req.sampling, seed, self._stops_before_min(req))))
         if not work:
             return False
         outs = self.engine.prefill_next([job for _, job in work])
@@ -254,12 +254,21 @@ class Scheduler:
             events.extend(first)
         return not chunked and all(out is not None for out in outs)
 
+    def _stop_ids(self, sp: SamplingParams) -> frozenset[int]:
+        return frozenset() if sp.ignore_eos else self.stop_ids | set(sp.stop_token_ids)
+
+    def _stops_before_min(self, req: Request) -> tuple[int, ...]:
+        """The stop tokens the sampler bans until the request has `min_tokens` tokens."""
+        vocab = self.engine.config.vocab_size
+        return tuple(sorted(t for t in self._stop_ids(req.sampling) if 0 <= t < vocab)) if req.sampling.min_tokens else ()
+
     def _consume(self, req: Request, out: StepOutput, column: int) -> list[Event]:
         """Hand out the tokens in column `column` of `out` to `req`, stopping where it finishes."""
         if req.done:
             return []
         decoder, stop_text = self._text[req.id]
         sp = req.sampling
+        stops = self._stop_ids(sp)
         new: list[int] = []
         lps: list[TokenLogprob] | None = [] if sp.logprobs else None
         text = ""
@@ -268,7 +277,7 @@ class Scheduler:
             token = int(out.tokens[step, column])
             if req.first_token_time is None:
                 req.first_token_time = time.perf_counter()
-            if not sp.ignore_eos and (token in self.stop_ids or token in sp.stop_token_ids):
+            if token in stops:
                 finish = "stop"
                 break
             new.append(token)

@@ -51,10 +51,12 @@ def test_penalties_match_reference():
     seen = prompt_seen | (counts > 0)
     rep, pres, freq = np.array([1.0, 1.3, 0.8, 2.0]), np.array([0, 0.5, -0.5, 1.5]), np.array([0, 0.2, 1.0, -1.0])
     bias = rng.uniform(-3, 3, (b, v)).astype(np.float32) * (rng.random((b, v)) < 0.3)
+    stops, min_left = rng.random((b, v)) < 0.1, np.array([0, 3, 1, -2])  # rows 1 and 2 still ban their stops
     s = _state(b, v, repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
-               output_counts=counts, seen=seen, logit_bias=bias)
+               output_counts=counts, seen=seen, logit_bias=bias, stop_mask=stops, min_left=min_left)
     got = np.asarray(_penalise(jnp.asarray(logits), s))
     want = logits + bias  # the bias comes first, as in vLLM
+    want[stops & (min_left > 0)[:, None]] = -np.inf
     for i in range(b):
         for t in range(v):
             if seen[i, t]:  # HF RepetitionPenaltyLogitsProcessor
@@ -101,7 +103,8 @@ def test_logprobs_are_the_model_distribution():
     [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", -1), ("top_k", -2),
      ("min_p", 2.0), ("presence_penalty", 3.0), ("top_logprobs", 21), ("temperature", float("nan")),
      ("logit_bias", {5: 101.0}), ("logit_bias", {-1: 1.0}), ("logit_bias", {5: float("inf")}),
-     ("logit_bias", {"5": 1.0}), ("logit_bias", [1, 2])],
+     ("logit_bias", {"5": 1.0}), ("logit_bias", [1, 2]), ("min_tokens", 257), ("min_tokens", -1),
+     ("stop_token_ids", (-3,))],
 )
 def test_invalid_parameters_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -127,10 +130,11 @@ def test_logit_bias_rows_steer_greedy_and_sampled_tokens():
     logits = jnp.asarray(np.random.default_rng(4).standard_normal((n, v)) * 2, jnp.float32)
     s = set_rows(_state(n, v), jnp.arange(n), {"temperature": jnp.full((n,), 1.0).at[0].set(0.0),
                                                "seed": jnp.arange(n, dtype=jnp.uint32)},
-                 jnp.zeros((n, v), bool), jnp.tile(jnp.asarray(row), (n, 1)))
+                 jnp.zeros((n, v), bool), jnp.tile(jnp.asarray(row), (n, 1)), jnp.zeros((n, v), bool))
     tokens = np.asarray(sample(logits, s, jnp.zeros((n,), jnp.int32)))
     assert (tokens == 7).all()  # +100 dominates greedy and sampled rows alike
     forbid = SamplingParams(logit_bias={int(t): -100 for t in np.argsort(-np.asarray(logits[0]))[:3]})
-    s = set_rows(_state(1, v), jnp.arange(1), {}, jnp.zeros((1, v), bool), jnp.asarray(bias_row(forbid, v))[None])
+    s = set_rows(_state(1, v), jnp.arange(1), {}, jnp.zeros((1, v), bool), jnp.asarray(bias_row(forbid, v))[None],
+                 jnp.zeros((1, v), bool))
     greedy = int(sample(logits[:1], s, jnp.zeros((1,), jnp.int32))[0])
     assert greedy == int(np.argsort(-np.asarray(logits[0]))[3])  # the best token not pushed down

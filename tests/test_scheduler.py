@@ -76,6 +76,20 @@ def test_new_requests_skip_one_decode_but_never_two_in_a_row(tiny):
     assert (len(a.output), len(b.output), len(c.output)) == (9, 9, 5)
 
 
+def test_min_tokens_hold_back_stop_tokens(tiny):
+    sched = _scheduler(tiny)
+    prompt = _prompt(6, 9)
+    plain = _alone(tiny, prompt)
+    stop = plain[2]
+    stopped = sched.add(Request(prompt, GREEDY.replace(stop_token_ids=(stop,))))
+    held = sched.add(Request(prompt, GREEDY.replace(stop_token_ids=(stop,), min_tokens=8)))
+    while sched.has_work():
+        sched.step()
+    first = plain.index(stop)
+    assert stopped.output == plain[:first]
+    assert held.output[:first] == plain[:first] and stop not in held.output[:8] and len(held.output) >= 8
+
+
 def test_prompts_past_the_vocabulary_are_refused_at_the_queue(tiny):
     """Also prompts rendered by a chat format whose tokenizer does not match the model."""
     sched = _scheduler(tiny)

@@ -367,7 +367,8 @@ def test_sampling_fields_accepted(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model=MODEL, messages=USER, max_completion_tokens=1, temperature=0.7, top_p=0.5, presence_penalty=0.5,
         frequency_penalty=0.5, stop=["zzz", "qqq"], user="u", metadata={"k": "v"}, store=False,
-        response_format={"type": "text"}, extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1})
+        response_format={"type": "text"},
+        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "min_tokens": 1, "stop_token_ids": [128001]})
     assert r.usage.completion_tokens == 1
 
 
@@ -581,6 +582,8 @@ def _chat(**kw: Any) -> dict[str, Any]:
     (_chat(stream_options={"include_usage": True}), "stream_options"),
     (_chat(logit_bias={"50": 101}), "logit_bias"),
     (_chat(logit_bias={"x": 1}), "logit_bias"),
+    (_chat(min_tokens=3), "min_tokens"),
+    (_chat(stop_token_ids=[-1]), "stop_token_ids[0]"),
     (_chat(functions=[{"name": "f"}]), "functions"),
     (_chat(response_format={"type": "json_object"}), "response_format.type"),
     (_chat(messages=[]), "messages"),

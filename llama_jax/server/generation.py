@@ -103,12 +103,15 @@ def sampling_params(
             frequency_penalty=float(body.frequency_penalty or 0.0),
             stop=tuple(body.stop or ()),
             ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
             logit_bias={int(k): float(v) for k, v in (body.logit_bias or {}).items()},
             logprobs=logprobs,
             top_logprobs=top_logprobs,
         )
-    except ValueError as e:
-        raise bad_request(str(e)) from None
+    except ValueError as e:  # SamplingParams' messages start with the field's name
+        field = str(e).split(" ", 1)[0]
+        raise bad_request(str(e), field if field in type(body).model_fields else None) from None
     return [base.replace(seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
 
 

@@ -2,8 +2,8 @@
 
 Requests are strict at the border: every field OpenAI documents for the endpoint is accepted
 (see UNSUPPORTED below for the ones that are accepted only at a neutral value), a few vLLM-style
-sampling extensions are accepted (top_k, min_p, repetition_penalty, ignore_eos), and anything
-else is a 400 naming the field. Numbers, booleans and strings are not coerced from other types.
+sampling extensions are accepted (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
+stop_token_ids), and anything else is a 400 naming the field. Numbers, booleans and strings are not coerced from other types.
 """
 
 from __future__ import annotations
@@ -207,6 +207,8 @@ class _SamplingFields(_Input):
     min_p: Annotated[Number, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[Number, Field(gt=0)] | None = None
     ignore_eos: StrictBool = False
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
 
     @model_validator(mode="before")
     @classmethod
