@@ -285,7 +285,8 @@ class Engine:
         values = {k: jnp.asarray(np.stack([v[k] for v in rows])) for k in rows[0]}
         self.cache, self.sampler, out = self._prefill(
             self.params, self.cache, self.sampler, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(length),
-            jnp.asarray(slots), values, jnp.asarray(seen), jnp.asarray(bias), jnp.asarray(stops), self.kv_window_for(int(start.max()) + bucket), want_lp,
+            jnp.asarray(slots), values, jnp.asarray(seen), jnp.asarray(bias), jnp.asarray(stops),
+            self.kv_window_for(int(start.max()) + bucket), want_lp,
         )
         return _host_output(out, (1, n))
 

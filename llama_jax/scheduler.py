@@ -3,8 +3,8 @@ stream their tokens out as events and give the slot back when they finish.
 
 `step()` is the whole loop body: prefill (new requests into free slots, and the next chunk of
 prompts too long for one call, within a token budget) → decode the running slots → hand out
-tokens → release. A long prompt is prefilled a chunk per step, between decode dispatches, so it
-never stalls the running streams for longer than one chunk.
+tokens → release. A long prompt is prefilled a chunk per step, between decode dispatches, so the
+running streams never wait for more than one step's prefill.
 The batch API (`LLM.generate`) calls it until its requests are done; the HTTP server calls it
 from its engine thread. Requests may be added or cancelled from other threads.
 """
@@ -172,6 +172,7 @@ class Scheduler:
         self._text.clear()
         self.filling.clear()
         self.running.clear()
+        self._skipped_decode = False
         self.engine.reset()
 
     def _step(self) -> list[Event]:
@@ -259,8 +260,10 @@ class Scheduler:
 
     def _stops_before_min(self, req: Request) -> tuple[int, ...]:
         """The stop tokens the sampler bans until the request has `min_tokens` tokens."""
+        if not req.sampling.min_tokens:
+            return ()
         vocab = self.engine.config.vocab_size
-        return tuple(sorted(t for t in self._stop_ids(req.sampling) if 0 <= t < vocab)) if req.sampling.min_tokens else ()
+        return tuple(sorted(t for t in self._stop_ids(req.sampling) if 0 <= t < vocab))
 
     def _consume(self, req: Request, out: StepOutput, column: int) -> list[Event]:
         """Hand out the tokens in column `column` of `out` to `req`, stopping where it finishes."""

@@ -133,7 +133,8 @@ class ScriptedEngine:
 def scripted_llm(tiny_llm: LLM) -> LLM:
     tok = tiny_llm.tokenizer
     llm = LLM(tiny_llm.config, tiny_llm.params, tok, max_slots=4, max_seq_len=64)
-    llm.engine = ScriptedEngine(tiny_llm.config, max_slots=4, max_seq_len=2048, decode_steps=4, eot=tok.special_tokens["<|eot_id|>"])
+    llm.engine = ScriptedEngine(tiny_llm.config, max_slots=4, max_seq_len=2048, decode_steps=4,
+                                eot=tok.special_tokens["<|eot_id|>"])
     llm.scheduler = Scheduler(llm.engine, tok)
     return llm
 

@@ -3,7 +3,8 @@
 Requests are strict at the border: every field OpenAI documents for the endpoint is accepted
 (see UNSUPPORTED below for the ones that are accepted only at a neutral value), a few vLLM-style
 sampling extensions are accepted (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
-stop_token_ids), and anything else is a 400 naming the field. Numbers, booleans and strings are not coerced from other types.
+stop_token_ids), and anything else is a 400 naming the field. Numbers, booleans and strings are
+not coerced from other types.
 """
 
 from __future__ import annotations
@@ -232,7 +233,8 @@ class _SamplingFields(_Input):
             if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"logit_bias keys must be token ids (decimal integers), got {key!r}")
             if not abs(value) <= MAX_LOGIT_BIAS:
-                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {value}")
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                 f"got {value}")
         return bias
 
     @field_validator(*UNSUPPORTED, check_fields=False)
