@@ -70,6 +70,7 @@ class Request:
     done: bool = False
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_time: float | None = None
+    stop_ids: frozenset[int] = frozenset()  # tokens that end it: set at admission
 
 
 class _StopText:
@@ -233,6 +234,8 @@ class Scheduler:
         for req, seed in zip(taken, seeds_for([r.sampling for r in taken], self._rng)):
             self._by_id[req.id] = req
             self._text[req.id] = (IncrementalDecoder(self.tokenizer), _StopText(req.sampling.stop))
+            sp = req.sampling
+            req.stop_ids = frozenset() if sp.ignore_eos else self.stop_ids | set(sp.stop_token_ids)
             if req.sampling.max_tokens == 0:
                 done: list[Event] = []
                 self._finish(req, "length", done, [], "", None)
@@ -255,15 +258,12 @@ class Scheduler:
             events.extend(first)
         return not chunked and all(out is not None for out in outs)
 
-    def _stop_ids(self, sp: SamplingParams) -> frozenset[int]:
-        return frozenset() if sp.ignore_eos else self.stop_ids | set(sp.stop_token_ids)
-
     def _stops_before_min(self, req: Request) -> tuple[int, ...]:
         """The stop tokens the sampler bans until the request has `min_tokens` tokens."""
         if not req.sampling.min_tokens:
             return ()
         vocab = self.engine.config.vocab_size
-        return tuple(sorted(t for t in self._stop_ids(req.sampling) if 0 <= t < vocab))
+        return tuple(sorted(t for t in req.stop_ids if 0 <= t < vocab))
 
     def _consume(self, req: Request, out: StepOutput, column: int) -> list[Event]:
         """Hand out the tokens in column `column` of `out` to `req`, stopping where it finishes."""
@@ -271,7 +271,6 @@ class Scheduler:
             return []
         decoder, stop_text = self._text[req.id]
         sp = req.sampling
-        stops = self._stop_ids(sp)
         new: list[int] = []
         lps: list[TokenLogprob] | None = [] if sp.logprobs else None
         text = ""
@@ -280,7 +279,7 @@ class Scheduler:
             token = int(out.tokens[step, column])
             if req.first_token_time is None:
                 req.first_token_time = time.perf_counter()
-            if token in stops:
+            if token in req.stop_ids:
                 finish = "stop"
                 break
             new.append(token)
