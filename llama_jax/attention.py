@@ -7,6 +7,9 @@ Shapes (B batch, T new tokens, S cache slots, H query heads, K kv heads, G = H /
 
 Query at position p sees cache slots j <= p (causal over absolute positions). Slots past a
 sequence's length hold stale values; no valid query can see them.
+
+`block_decode_attention` is the decode form (T = 1) over a ragged list of cache blocks, so each
+row reads only the blocks its own length needs.
 """
 
 from __future__ import annotations
@@ -32,6 +35,38 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: j
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def block_decode_attention(
+    q: jax.Array, k_blocks: jax.Array, v_blocks: jax.Array, q_positions: jax.Array, block_rows: jax.Array,
+    block_starts: jax.Array,
+) -> jax.Array:
+    """Decode attention over a ragged list of N cache blocks of P slots (flash-decoding in jnp).
+
+    q (B, 1, H, D) and q_positions (B, 1) as in `attention`; k_blocks, v_blocks (N, P, K, D):
+    block n holds slots block_starts[n] .. block_starts[n] + P - 1 of row block_rows[n]. Each block
+    gives a partial softmax (its max, sum and weighted values); the blocks of one row combine by
+    their maxima. A block whose row is B (padding) is dropped; a row with no block gets zeros.
+    """
+    b, _, h, d = q.shape
+    n, p, kv_heads, _ = k_blocks.shape
+    rows = jnp.minimum(block_rows, b - 1)
+    qn = q[rows, 0].reshape(n, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("nkgd,npkd->nkgp", qn, k_blocks, preferred_element_type=jnp.float32) * (d**-0.5)
+    slots = block_starts[:, None] + jnp.arange(p, dtype=jnp.int32)
+    visible = (slots <= q_positions[rows, 0][:, None]) & (block_rows < b)[:, None]  # (N, P)
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    peak = scores.max(-1)  # (N, K, G); -inf where the block has nothing visible
+    probs = jnp.exp(scores - jnp.where(jnp.isfinite(peak), peak, 0.0)[..., None])
+    partial = jnp.einsum("nkgp,npkd->nkgd", probs.astype(v_blocks.dtype), v_blocks,
+                         preferred_element_type=jnp.float32)
+    row_peak = jax.ops.segment_max(peak, block_rows, num_segments=b)  # out-of-range rows dropped
+    row_peak = jnp.where(jnp.isfinite(row_peak), row_peak, 0.0)
+    weight = jnp.exp(peak - row_peak[rows])  # 0 for blocks with nothing visible
+    total = jax.ops.segment_sum(probs.sum(-1) * weight, block_rows, num_segments=b)
+    out = jax.ops.segment_sum(partial * weight[..., None], block_rows, num_segments=b)
+    out = out / jnp.where(total > 0, total, 1.0)[..., None]
+    return out.reshape(b, 1, h, d).astype(q.dtype)
 
 
 def attention(

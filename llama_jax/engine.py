@@ -8,7 +8,9 @@
   computing the first power-of-two number of slots that holds them all (the scheduler fills the
   lowest free slot first).
 - Attention reads only the first `kv_window` cache slots, a power-of-two bucket that covers the
-  longest live sequence, so short sequences do not pay for the full context.
+  longest live sequence, so short sequences do not pay for the full context. Decode with the jnp
+  attention reads instead, when that is not more, a ragged list of KV_BLOCK-slot blocks, each row
+  only the blocks it has: one long conversation among short ones does not slow them all.
 - The cache and sampler state are donated to every step and updated in place.
 
 The engine knows nothing of text or requests: `scheduler.py` drives it.
@@ -26,7 +28,7 @@ import numpy as np
 
 from .attention import AttentionImpl
 from .config import LlamaConfig
-from .model import KVCache, Params, forward
+from .model import KVBlocks, KVCache, Params, forward
 from .sampling import (
     MAX_TOP_LOGPROBS, SamplerState, SamplingParams, bias_row, record, record_rows, row_values, sample, set_rows,
     token_logprobs,
@@ -34,6 +36,7 @@ from .sampling import (
 
 DEFAULT_PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
 MIN_KV_WINDOW = 128
+KV_BLOCK = 128  # slots per block of block decode attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,16 +127,20 @@ class Engine:
                 in_shardings=(shardings.params, cache_sh, sampler_sh) + (rep,) * 8,
                 out_shardings=(cache_sh, sampler_sh, rep),
             )
-            decode_sh = dict(in_shardings=(shardings.params,) + state_sh, out_shardings=state_sh + (rep,))
+            decode_sh = dict(in_shardings=(shardings.params,) + state_sh + (rep, rep), out_shardings=state_sh + (rep,))
             release_sh = dict(in_shardings=(rows, sampler_sh, rep), out_shardings=(rows, sampler_sh))
         self._all_rows = shardings is not None and shardings.dp > 1  # see decode_rows
+        # Block decode attention gathers blocks across rows: not with slots split over devices.
+        # The Pallas decode kernel reads each row's own length anyway.
+        self._blocks_ok = attention_impl == "xla" and not self._all_rows and self.max_seq_len % KV_BLOCK == 0
+        self._no_blocks = (jnp.zeros((1,), jnp.int32),) * 2
         self.cache, self.sampler, self.tokens, self.positions = self._new_state()
         # Host mirror: position of each slot's last token, or None when the slot is free.
         self.slot_pos: list[int | None] = [None] * max_slots
         # Slots whose prompt is partly in the cache (prefill_next): tokens written so far.
         self.filling: dict[int, int] = {}
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(11, 12), donate_argnums=(1, 2), **prefill_sh)
-        self._decode = jax.jit(self._decode_fn, static_argnums=(5, 6, 7, 8), donate_argnums=(1, 2, 3, 4), **decode_sh)
+        self._decode = jax.jit(self._decode_fn, static_argnums=(7, 8, 9, 10), donate_argnums=(1, 2, 3, 4), **decode_sh)
         self._release = jax.jit(self._park_fn, donate_argnums=(0, 1), **release_sh)
 
     # ---- jitted bodies ----
@@ -157,16 +164,20 @@ class Engine:
         out = (token,) + (token_logprobs(logits, token, MAX_TOP_LOGPROBS) if want_lp else ())
         return cache, sampler, out
 
-    def _decode_fn(self, params, cache, sampler, tokens, positions, steps, kv_window, want_lp, rows):
-        """`steps` tokens for slots [0, rows) (`rows` static); later slots are neither computed nor changed."""
+    def _decode_fn(self, params, cache, sampler, tokens, positions, block_rows, block_starts, steps, kv_window,
+                   want_lp, rows):
+        """`steps` tokens for slots [0, rows) (`rows` static); later slots are neither computed nor changed.
+        Attention reads the first `kv_window` slots, or with kv_window None the blocks given by
+        block_rows and block_starts (see model.KVBlocks)."""
         # All slots: row b is cache row b (a scatter batching dimension; see model._update_cache).
         cache_rows = jnp.arange(rows) if rows < self.max_slots else None
+        blocks = None if kv_window else KVBlocks(block_rows, block_starts, KV_BLOCK)
 
         def body(carry, _):
             cache, sampler, tokens, positions = carry
             logits, cache = forward(
                 params, self.config, tokens[:, None], positions[:, None], cache, logits_at=jnp.zeros_like(tokens),
-                cache_rows=cache_rows, kv_window=kv_window, attention_impl=self.attention_impl,
+                cache_rows=cache_rows, kv_window=kv_window, kv_blocks=blocks, attention_impl=self.attention_impl,
             )
             nxt = sample(logits, sampler, positions + 1)
             sampler = record(sampler, nxt)
@@ -307,15 +318,35 @@ class Engine:
         live = [p for p in self.slot_pos if p is not None]
         if not live:
             raise RuntimeError("decode with no active slot")
-        window = self.kv_window_for(max(live) + steps)
         rows = self.decode_rows()
+        window = self.kv_window_for(max(live) + steps)
+        blocks = self._decode_blocks(rows, steps, window)
+        if blocks is not None:
+            window = None
         self.cache, self.sampler, self.tokens, self.positions, outs = self._decode(
-            self.params, self.cache, self.sampler, self.tokens, self.positions, steps, window, want_logprobs, rows,
+            self.params, self.cache, self.sampler, self.tokens, self.positions, *(blocks or self._no_blocks),
+            steps, window, want_logprobs, rows,
         )
         for i, p in enumerate(self.slot_pos):
             if p is not None:
                 self.slot_pos[i] = p + steps
         return _host_output(outs, (steps, rows))
+
+    def _decode_blocks(self, rows: int, steps: int, window: int) -> tuple[jax.Array, jax.Array] | None:
+        """The (rows, starts) block list of a decode of `steps` tokens for the first `rows` slots
+        (free slots get none), padded to a power of two; None when it holds more slots than the
+        dense window of every row. (At equal slots the blocks were as fast or faster on CPU: the
+        dense window is transposed for the attention products, the gathered blocks are small.)"""
+        if not self._blocks_ok:
+            return None
+        pairs = [(row, start) for row, p in enumerate(self.slot_pos[:rows]) if p is not None
+                 for start in range(0, min(p + steps, self.max_seq_len), KV_BLOCK)]
+        n = 1 << (len(pairs) - 1).bit_length()
+        if n * KV_BLOCK > rows * window:
+            return None
+        pairs += [(rows, 0)] * (n - len(pairs))  # padding blocks: row `rows` is dropped
+        table = np.array(pairs, np.int32)
+        return jnp.asarray(table[:, 0]), jnp.asarray(table[:, 1])
 
     def reset(self) -> None:
         """Free every slot and start from a fresh cache and sampler state: after a step that

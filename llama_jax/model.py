@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import AttentionImpl, attention
+from .attention import AttentionImpl, attention, block_decode_attention
 from .config import LlamaConfig
 from .linear import weight_einsum
 from .quantization import dequantize_kv, quantize_kv
@@ -94,6 +94,16 @@ class KVCache:
         return self.k.shape[2]
 
 
+class KVBlocks(NamedTuple):
+    """A ragged list of N cache blocks for decode attention: block n is slots starts[n] ..
+    starts[n] + size - 1 of batch row rows[n] (rows[n] == B: padding). `size` is static and
+    divides the cache length; starts are multiples of it."""
+
+    rows: jax.Array
+    starts: jax.Array
+    size: int
+
+
 def dense(equation: str, x: jax.Array, w: Any, *, out_dtype: Any = None) -> jax.Array:
     """x times a weight, in `out_dtype` (default: x's dtype). A weight is an array, or an object
     with a `dense(equation, x, out_dtype)` method (quantized weights, LoRA-adapted weights) that
@@ -119,12 +129,14 @@ def _layer(
     positions: jax.Array,
     rows: jax.Array | None,
     kv_window: int | None,
+    kv_blocks: KVBlocks | None,
     cos: jax.Array,
     sin: jax.Array,
 ) -> tuple[jax.Array, KVCache | None]:
     """One transformer block. Writes this step's keys/values into rows `rows` (None: row b of the
     batch is cache row b) of the stacked cache (L, B_cache, S, K, Dh) at `layer` and attends over
-    the first `kv_window` slots. Without a cache (None), it attends over this step's tokens."""
+    the first `kv_window` slots, or over `kv_blocks`. Without a cache (None), it attends over this
+    step's tokens."""
     h = rms_norm(x, p["attn_norm"], config.norm_eps)
     q = apply_rope(dense("btd,dnh->btnh", h, p["wq"]), cos, sin)
     k = apply_rope(dense("btd,dkh->btkh", h, p["wk"]), cos, sin)
@@ -132,8 +144,11 @@ def _layer(
     if cache is None:  # no cache (training): token t of the row holds position t
         k_seen, v_seen = k, v
     else:
-        cache, k_seen, v_seen = _update_cache(cache, k, v, layer, positions, rows, kv_window, q.dtype)
-    attn = attention(q, k_seen, v_seen, positions, impl)
+        cache, k_seen, v_seen = _update_cache(cache, k, v, layer, positions, rows, kv_window, kv_blocks, q.dtype)
+    if kv_blocks is None:
+        attn = attention(q, k_seen, v_seen, positions, impl)
+    else:
+        attn = block_decode_attention(q, k_seen, v_seen, positions, kv_blocks.rows, kv_blocks.starts)
     x = x + dense("btnh,nhd->btd", attn, p["wo"])
     h = rms_norm(x, p["mlp_norm"], config.norm_eps)
     gate = dense("btd,df->btf", h, p["w_gate"])
@@ -159,10 +174,11 @@ def _scatter_rowwise(cache: jax.Array, positions: jax.Array, updates: jax.Array,
 
 def _update_cache(
     cache: KVCache, k: jax.Array, v: jax.Array, layer: jax.Array, positions: jax.Array, rows: jax.Array | None,
-    kv_window: int | None, dtype: Any,
+    kv_window: int | None, kv_blocks: KVBlocks | None, dtype: Any,
 ) -> tuple[KVCache, jax.Array, jax.Array]:
     """Scatters this step's keys and values to their slots (positions past the cache, padding, are
-    dropped) and reads back the layer's first `kv_window` slots of the rows, in `dtype`."""
+    dropped) and reads back, in `dtype`, the layer's first `kv_window` slots of the rows, or the
+    blocks `kv_blocks` as (N, size, ...)."""
     # One scatter into the stacked cache, updated in place.
     if rows is None:
         # Row b is cache row b: the batch is a scatter batching dimension, so the update stays
@@ -173,6 +189,15 @@ def _update_cache(
     else:
         write = lambda c, p, u: c.at[layer, rows[:, None], p].set(u, mode="drop")  # noqa: E731
         read = lambda c: c[layer, rows, :kv_window]  # noqa: E731
+    if kv_blocks is not None:
+        size = kv_blocks.size
+        block_rows = jnp.minimum(kv_blocks.rows, positions.shape[0] - 1)  # padding blocks read some row
+        if rows is not None:
+            block_rows = rows[block_rows]
+
+        def read(c: jax.Array) -> jax.Array:  # a reshape of the cache, then one gather of whole blocks
+            tiled = c.reshape(c.shape[:2] + (c.shape[2] // size, size) + c.shape[3:])
+            return tiled[layer, block_rows, kv_blocks.starts // size]
     if cache.k_scale is None:
         k_all = write(cache.k, positions, k.astype(cache.k.dtype))
         v_all = write(cache.v, positions, v.astype(cache.v.dtype))
@@ -194,6 +219,7 @@ def forward(
     logits_at: jax.Array | None = None,
     cache_rows: jax.Array | None = None,
     kv_window: int | None = None,
+    kv_blocks: KVBlocks | None = None,
     attention_impl: AttentionImpl = "xla",
     remat: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
@@ -201,7 +227,8 @@ def forward(
 
     Prefill (T > 1) and decode (T = 1) share this path. Row b of the input uses cache row
     `cache_rows[b]` (default: row b) and attends over its first `kv_window` slots (default:
-    all; a static int). Returns float32 logits (B, T, V), or (B, V) at the token index
+    all; a static int), or, in decode (T = 1), over its blocks in `kv_blocks` (jnp attention
+    whatever `attention_impl`). Returns float32 logits (B, T, V), or (B, V) at the token index
     `logits_at` (B,) of each row, and the updated cache. `remat` recomputes each layer's
     activations in the backward pass instead of storing them (training). Without a cache
     (None; training), row b attends over its own tokens, token t being at position t, and no
@@ -213,11 +240,13 @@ def forward(
     if rows is None and cache is not None and tokens.shape[0] != cache.k.shape[1]:
         rows = jnp.arange(tokens.shape[0])
     window = None if cache is None else cache.max_len if kv_window is None else min(kv_window, cache.max_len)
+    if kv_blocks is not None and (cache is None or tokens.shape[1] != 1 or cache.max_len % kv_blocks.size):
+        raise ValueError("kv_blocks needs a cache whose length is a multiple of the block size, and one token per row")
 
     def step(carry, layer):
         x, cache = carry
         p, i = layer
-        return _layer(config, attention_impl, x, p, cache, i, positions, rows, window, cos, sin), None
+        return _layer(config, attention_impl, x, p, cache, i, positions, rows, window, kv_blocks, cos, sin), None
 
     if remat:
         step = jax.checkpoint(step)

@@ -35,7 +35,7 @@ from llama_jax.sharding import ModelShardings, make_mesh  # noqa: E402
 MESHES = ("tp=1", "tp=2", "tp=4", "tp=8", "dp=2,tp=4", "dp=4,tp=2")
 HLO_MESHES = ("tp=8", "dp=2,tp=4")  # decode steps whose compiled HLO is inspected
 MULTIHOST_MESHES = ("tp=8", "dp=2,tp=4")
-MAX_SLOTS, MAX_SEQ, DECODES = 4, 64, 3
+MAX_SLOTS, MAX_SEQ, DECODES = 4, 128, 3  # one KV block: dp=1 meshes decode over blocks
 PROMPT_LENGTHS = (5, 11, 3)  # three of the four slots busy, one idle
 COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?)\s+(all-gather|all-to-all|collective-permute|reduce-scatter)(-start)?\(")
 SHAPE = re.compile(r"\w+\[([\d,]*)\]")
@@ -123,9 +123,12 @@ def equivalence(preset: str) -> dict[str, Any]:
                                  "wq_spec": str(sh.params["layers"]["wq"].spec)}
         if spec in HLO_MESHES:
             window = engine.kv_window_for(max(p for p in engine.slot_pos if p is not None) + engine.decode_steps)
+            blocks = engine._decode_blocks(engine.decode_rows(), engine.decode_steps, window)
+            entry["block_decode"] = blocks is not None
             hlo = engine._decode.lower(
                 engine.params, engine.cache, engine.sampler, engine.tokens, engine.positions,
-                engine.decode_steps, window, False, engine.decode_rows(),
+                *(blocks or engine._no_blocks), engine.decode_steps, None if blocks else window, False,
+                engine.decode_rows(),
             ).compile().as_text()
             bad = weight_gathers(hlo, config, params, engine.cache)
             assert not bad, f"{spec}: decode step moves weights or cache:\n" + "\n".join(bad)

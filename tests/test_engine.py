@@ -108,6 +108,24 @@ def test_windows_grow_past_the_first_bucket(tiny):
     assert got == _recompute_greedy(tiny, prompt, 24)
 
 
+@pytest.mark.parametrize("cache_dtype", [None, jnp.int8])
+def test_block_decode_equals_the_dense_window(tiny, cache_dtype):
+    """One long sequence among short ones: decode reads each row's own blocks, and the tokens
+    equal those of the dense window and of each sequence alone."""
+    prompts = _prompts(tiny[0].vocab_size, [230, 5, 9, 3], seed=7)
+    engine = _engine(tiny, cache_dtype=cache_dtype, prefill_buckets=(8, 64))
+    used = []
+    choose = engine._decode_blocks
+    engine._decode_blocks = lambda *a: used.append(choose(*a)) or used[-1]
+    together = _run(engine, prompts, 16)
+    assert all(b is not None for b in used)
+    assert [int(b[0].shape[0]) for b in used[:1]] == [8]  # 2 + 1 + 1 + 1 blocks, padded to 8
+    dense = _engine(tiny, cache_dtype=cache_dtype, prefill_buckets=(8, 64))
+    dense._blocks_ok = False
+    assert _run(dense, prompts, 16) == together
+    assert [_run(engine, [p], 16, slots=[3])[0] for p in prompts] == together
+
+
 def test_prefill_validates(tiny):
     engine = _engine(tiny)
     with pytest.raises(ValueError, match="prompt length"):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax.attention import attention_reference
+from llama_jax.attention import attention_reference, block_decode_attention
 from llama_jax.config import LlamaConfig, RopeScaling
 from llama_jax.linear import weight_einsum
-from llama_jax.model import LOGICAL_AXES, KVCache, Llama, forward, param_shapes, unstack_layers
+from llama_jax.model import LOGICAL_AXES, KVBlocks, KVCache, Llama, forward, param_shapes, unstack_layers
 from llama_jax.quantization import quantize_params
 from llama_jax.rope import inv_frequencies
 
@@ -62,6 +62,62 @@ def test_gqa_attention_reference(heads, kv_heads):
     pos = offsets[:, None] + np.arange(t)[None]
     out = attention_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos, jnp.int32))
     np.testing.assert_allclose(np.asarray(out), _naive_attention(q, k, v, pos), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
+def test_block_decode_attention_equals_the_reference(dtype, tol):
+    """Ragged blocks (rows holding 1 to 4 blocks, listed out of order, padding blocks, a row with
+    none) give each row's attention over its own slots 0..position."""
+    rng = np.random.default_rng(5)
+    b, s, size, heads, kv_heads, d = 4, 64, 16, 6, 2, 8
+    q = rng.standard_normal((b, 1, heads, d), np.float32)
+    k = rng.standard_normal((b, s, kv_heads, d), np.float32)
+    v = rng.standard_normal((b, s, kv_heads, d), np.float32)
+    pos = np.array([[0], [40], [17], [63]], np.int32)
+    pairs = [(row, start) for row in (1, 0, 3) for start in range(0, int(pos[row, 0]) + 1, size)]
+    pairs = [pairs[i] for i in rng.permutation(len(pairs))] + [(b, 0)] * 3  # row 2 gets no block
+    rows, starts = (np.array(c, np.int32) for c in zip(*pairs))
+    blocks = lambda a: np.stack([a[r if r < b else 0, t : t + size] for r, t in pairs])  # noqa: E731
+    cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+    got = block_decode_attention(cast(q), cast(blocks(k)), cast(blocks(v)), jnp.asarray(pos), jnp.asarray(rows),
+                                 jnp.asarray(starts))
+    assert got.dtype == dtype and got.shape == q.shape
+    want = _naive_attention(np.asarray(cast(q), np.float32), np.asarray(cast(k), np.float32),
+                            np.asarray(cast(v), np.float32), pos)
+    got = np.asarray(got, np.float32)
+    for row in (0, 1, 3):
+        np.testing.assert_allclose(got[row], want[row], rtol=tol, atol=tol)
+    assert not got[2].any()
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.int8])
+def test_decode_over_blocks_equals_the_dense_window(cache_dtype):
+    """forward with kv_blocks (each row its own blocks, cache rows given or not) gives the logits
+    and cache of the dense window, float32 and int8 caches."""
+    config, params = _tiny()
+    rng = np.random.default_rng(6)
+    lengths = np.array([3, 50, 17])
+    cache = KVCache.zeros(config, 4, 64, cache_dtype)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (3, 50)), jnp.int32)
+    idx = np.arange(50)[None]
+    positions = jnp.asarray(np.where(idx < lengths[:, None], idx, 65), jnp.int32)  # padding parked past the cache
+    _, cache = forward(params, config, tokens, positions, cache, cache_rows=jnp.arange(3))
+    step = jnp.asarray(rng.integers(0, config.vocab_size, (3, 1)), jnp.int32)
+    at = jnp.asarray(lengths[:, None], jnp.int32)
+    pairs = [(r, t) for r in range(3) for t in range(0, int(lengths[r]) + 1, 16)] + [(3, 0)] * 2
+    blocks = KVBlocks(*(jnp.asarray(c, jnp.int32) for c in zip(*pairs)), 16)
+    for rows in (None, jnp.arange(3)):
+        c = cache if rows is not None else jax.tree.map(lambda a: a[:, :3], cache)
+        want, want_cache = forward(params, config, step, at, c, cache_rows=rows, kv_window=64)
+        got, got_cache = forward(params, config, step, at, c, cache_rows=rows, kv_blocks=blocks)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):  # later layers see attention
+            quantum = 1 if a.dtype == jnp.int8 else 1e-5  # a rounding may land one step over
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=quantum)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        forward(params, config, step, at, cache, kv_blocks=KVBlocks(blocks.rows, blocks.starts, 24))
+    with pytest.raises(ValueError, match="one token per row"):
+        forward(params, config, tokens, positions, cache, kv_blocks=blocks)
 
 
 def _tiny(preset="tiny", dtype=jnp.float32):

@@ -89,6 +89,8 @@ def test_sharded_equals_single_device(checks: dict, preset: str) -> None:
     for spec in ("tp=1", "tp=2", "tp=4", "tp=8", "dp=2,tp=4", "dp=4,tp=2"):
         assert spec in result
     assert result["tp=8"]["all_reduces"] > 0 and result["dp=2,tp=4"]["all_reduces"] > 0
+    # tp alone decodes over each row's KV blocks; with slots split over dp, over the dense window
+    assert result["tp=8"]["block_decode"] and not result["dp=2,tp=4"]["block_decode"]
     if preset == "tiny":  # 2 KV heads, 4 query heads: from tp=4 on, each KV head is held by tp/2 devices
         assert result["tp=8"]["cache_spec"] == "P(None, None, None, 'tp_kv')"
         assert result["tp=4"]["wq_spec"] == "P(None, None, ('tp_kv', 'tp_rep'))"
