@@ -315,22 +315,26 @@ class Engine:
         i for slot i, for the first `decode_rows()` slots: free slots among them compute too but
         write nothing; slots past them (all free) are not computed."""
         steps = steps or self.decode_steps
+        args = self._decode_args(steps, want_logprobs)
+        self.cache, self.sampler, self.tokens, self.positions, outs = self._decode(*args)
+        for i, p in enumerate(self.slot_pos):
+            if p is not None:
+                self.slot_pos[i] = p + steps
+        return _host_output(outs, (steps, args[-1]))
+
+    def lower_decode(self, want_logprobs: bool = False) -> jax.stages.Lowered:
+        """The program the next `decode()` runs, lowered (for inspecting its HLO)."""
+        return self._decode.lower(*self._decode_args(self.decode_steps, want_logprobs))
+
+    def _decode_args(self, steps: int, want_logprobs: bool) -> tuple:
         live = [p for p in self.slot_pos if p is not None]
         if not live:
             raise RuntimeError("decode with no active slot")
         rows = self.decode_rows()
         window = self.kv_window_for(max(live) + steps)
         blocks = self._decode_blocks(rows, steps, window)
-        if blocks is not None:
-            window = None
-        self.cache, self.sampler, self.tokens, self.positions, outs = self._decode(
-            self.params, self.cache, self.sampler, self.tokens, self.positions, *(blocks or self._no_blocks),
-            steps, window, want_logprobs, rows,
-        )
-        for i, p in enumerate(self.slot_pos):
-            if p is not None:
-                self.slot_pos[i] = p + steps
-        return _host_output(outs, (steps, rows))
+        return (self.params, self.cache, self.sampler, self.tokens, self.positions, *(blocks or self._no_blocks),
+                steps, None if blocks else window, want_logprobs, rows)
 
     def _decode_blocks(self, rows: int, steps: int, window: int) -> tuple[jax.Array, jax.Array] | None:
         """The (rows, starts) block list of a decode of `steps` tokens for the first `rows` slots

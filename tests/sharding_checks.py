@@ -122,14 +122,9 @@ def equivalence(preset: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"logits_max_abs_err": err, "cache_spec": str(sh.cache.k.spec),
                                  "wq_spec": str(sh.params["layers"]["wq"].spec)}
         if spec in HLO_MESHES:
-            window = engine.kv_window_for(max(p for p in engine.slot_pos if p is not None) + engine.decode_steps)
-            blocks = engine._decode_blocks(engine.decode_rows(), engine.decode_steps, window)
-            entry["block_decode"] = blocks is not None
-            hlo = engine._decode.lower(
-                engine.params, engine.cache, engine.sampler, engine.tokens, engine.positions,
-                *(blocks or engine._no_blocks), engine.decode_steps, None if blocks else window, False,
-                engine.decode_rows(),
-            ).compile().as_text()
+            lowered = engine.lower_decode()
+            entry["block_decode"] = lowered.args_info[0][5].shape != (1,)  # a (1,) block list: the dense window
+            hlo = lowered.compile().as_text()
             bad = weight_gathers(hlo, config, params, engine.cache)
             assert not bad, f"{spec}: decode step moves weights or cache:\n" + "\n".join(bad)
             entry["all_reduces"] = len(re.findall(r"\ball-reduce(-start)?\(", hlo))

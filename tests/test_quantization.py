@@ -392,9 +392,7 @@ def test_tp8_quantized_weights_and_int8_cache(tmp_path: Path) -> None:
         got = greedy(e, config)
         assert got == ref, (got, ref)
         check_shardings(e.cache, sh.cache_for(jnp.int8), "cache")
-        window = e.kv_window_for(max(p for p in e.slot_pos if p is not None) + e.decode_steps)
-        hlo = e._decode.lower(e.params, e.cache, e.sampler, e.tokens, e.positions, e.decode_steps, window,
-                              False, e.decode_rows()).compile().as_text()
+        hlo = e.lower_decode().compile().as_text()
         values = jax.tree.map(lambda w: w.value if isinstance(w, quantization.QuantizedWeight) else w, params,
                               is_leaf=lambda w: isinstance(w, quantization.QuantizedWeight))
         bad = weight_gathers(hlo, config, values, e.cache)
