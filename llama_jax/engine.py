@@ -133,7 +133,7 @@ class Engine:
         # Block decode attention gathers blocks across rows: not with slots split over devices.
         # The Pallas decode kernel reads each row's own length anyway.
         self._blocks_ok = attention_impl == "xla" and not self._all_rows and self.max_seq_len % KV_BLOCK == 0
-        self._no_blocks = (jnp.zeros((1,), jnp.int32),) * 2
+        self._no_blocks = (jnp.zeros((0,), jnp.int32),) * 2  # decode over the dense window
         self.cache, self.sampler, self.tokens, self.positions = self._new_state()
         # Host mirror: position of each slot's last token, or None when the slot is free.
         self.slot_pos: list[int | None] = [None] * max_slots

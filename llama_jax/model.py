@@ -185,11 +185,12 @@ def _update_cache(
         # local when the batch is sharded. (A jax.vmap of `.at[].set` would move the batch axis
         # first, transposing the whole stacked cache at every layer.)
         write = functools.partial(_scatter_rowwise, layer=layer)
-        read = lambda c: c[layer, :, :kv_window]  # noqa: E731
     else:
         write = lambda c, p, u: c.at[layer, rows[:, None], p].set(u, mode="drop")  # noqa: E731
-        read = lambda c: c[layer, rows, :kv_window]  # noqa: E731
-    if kv_blocks is not None:
+    if kv_blocks is None:
+        picked = slice(None) if rows is None else rows
+        read = lambda c: c[layer, picked, :kv_window]  # noqa: E731
+    else:
         size = kv_blocks.size
         block_rows = jnp.minimum(kv_blocks.rows, positions.shape[0] - 1)  # padding blocks read some row
         if rows is not None:
