@@ -34,7 +34,9 @@ from .sampling import (
     token_logprobs,
 )
 
-DEFAULT_PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
+# Prompt lengths are padded up to one of these, so a prompt pays for at most half again its own
+# length (16 -> 24 tokens aside); each bucket is one program per power-of-two row count.
+DEFAULT_PREFILL_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 MIN_KV_WINDOW = 128
 KV_BLOCK = 128  # slots per block of block decode attention
 

@@ -61,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def warm_up(llm: object) -> float:
-    """Compile the programs short requests use before clients wait on them: prefill in the two
-    smallest prompt buckets (chat prompts with their headers usually land in the second), for one
+    """Compile the programs short requests use before clients wait on them: prefill in the prompt
+    buckets from 17 to 64 tokens (where chat prompts with their headers usually land), for one
     prompt and for every power-of-two number of prompts admitted together (a burst), and decode."""
     from llama_jax.sampling import SamplingParams
 
@@ -70,7 +70,8 @@ def warm_up(llm: object) -> float:
     engine = llm.engine  # type: ignore[attr-defined]
     sampling = SamplingParams.greedy(max_tokens=2 * engine.decode_steps)
     bursts = [1] + [min(2**r, engine.max_slots) for r in range(1, (engine.max_slots - 1).bit_length() + 1)]
-    for n in sorted(set((engine.prefill_buckets + engine.prefill_buckets)[:2])):
+    short = [b for b in engine.prefill_buckets if 16 < b <= 64] or list(engine.prefill_buckets[:1])
+    for n in short:
         prompt = [1] * max(1, min(n, engine.max_seq_len - 2 * engine.decode_steps))
         for rows in bursts:  # padded to 1, 2, 4, ... rows
             llm.generate([prompt] * rows, sampling)  # type: ignore[attr-defined]
