@@ -7,7 +7,9 @@
 Both engines get the same prompts (chat-formatted), generate exactly --new-tokens tokens greedily
 (EOS ignored) and are timed after a warm-up run. The batch-1 rate is also reported against this
 machine's memory-bandwidth ceiling: weight bytes read per token × tokens/s, over the bandwidth of
-a large-array read measured in the same run. Prints a table and writes JSON under benchmarks/.
+a large-array read measured in the same run. Every batch is also reported against a decode step
+reduced to its weight products (the same matrix products, nothing else): on CPU at batch 8 those
+products, more than memory, set the pace. Prints a table and writes JSON under benchmarks/.
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ PROMPTS = [
 ]
 
 
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Bytes/s of summing a large float32 array (a memory-bound read), the best of numpy (one
     thread) and a jitted XLA reduction (all cores) over several runs."""
@@ -56,6 +69,46 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
             run()
             best = min(best, time.perf_counter() - t)
     return a.nbytes / best
+
+
+def weight_products_rate(params, config, batch: int, steps: int = 16, repeats: int = 5) -> float | None:
+    """Tokens/s of a decode step reduced to its weight products: the model's own 2-D products
+    (`model.dense`, the same weights, the LM head included) chained through a residual, with no
+    KV cache, attention, rotary, norm or sampler; `steps` of them per dispatch, like the engine.
+    What XLA's matrix products alone allow at this batch: a ceiling for the whole step.
+    None for stacked (scanned) layer weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax.model import dense
+
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        return None
+    group = config.n_heads // config.n_kv_heads
+
+    def step(x, _):  # x (B, D)
+        for p in layers:
+            q = dense("bd,dnh->bnh", x, p["wq"])
+            kv = dense("bd,dkh->bkh", x, p["wk"]) + dense("bd,dkh->bkh", x, p["wv"])
+            x = x + dense("bnh,nhd->bd", q + jnp.repeat(kv, group, axis=1), p["wo"])
+            up = jax.nn.silu(dense("bd,df->bf", x, p["w_gate"])) * dense("bd,df->bf", x, p["w_up"])
+            x = x + dense("bf,fd->bd", up, p["w_down"])
+        if config.tie_embeddings:
+            logits = jnp.einsum("bd,vd->bv", x, params["embed"], preferred_element_type=jnp.float32)
+        else:
+            logits = dense("bd,dv->bv", x, params["lm_head"], out_dtype=jnp.float32)
+        return x + logits[:, : x.shape[1]].astype(x.dtype), None
+
+    run = jax.jit(lambda x: jax.lax.scan(step, x, None, length=steps)[0])
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, config.dim)), params["embed"].dtype)
+    run(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return batch * steps / best
 
 
 def bench_ours(llm, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
@@ -136,25 +189,33 @@ def main() -> int:
         theirs = bench_transformers(hf_model, hf_tok, prompts, args.new_tokens, args.repeats)
         row = {"batch": b, "llama_jax": ours, "transformers": theirs,
                "decode_speedup": ours["decode_tok_s"] / theirs["decode_tok_s"]}
+        products = weight_products_rate(llm.params, llm.config, b)
+        if products:
+            row["weight_products_tok_s"] = products
+            row["products_fraction"] = ours["decode_tok_s"] / products
         if b == 1:
             row["bandwidth_fraction"] = weight_bytes * ours["decode_tok_s"] / bandwidth
         rows.append(row)
 
     print(f"\nmodel {llm.path.name}, float32, {weight_bytes / 1e6:.0f} MB of weights; "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {args.new_tokens} new tokens")
-    print(f"{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ratio':>5} | {'ours TTFT':>9} | {'HF TTFT':>8}")
+    print(f"{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ratio':>5} | {'ours TTFT':>9} | {'HF TTFT':>8} | "
+          f"{'products tok/s':>14} | {'of it':>5}")
     for r in rows:
         o, t = r["llama_jax"], r["transformers"]
+        products = (f"{r['weight_products_tok_s']:>14.1f} | {r['products_fraction']:>5.0%}" if "products_fraction" in r
+                    else f"{'-':>14} | {'-':>5}")
         print(f"{r['batch']:>5} | {o['decode_tok_s']:>10.1f} | {t['decode_tok_s']:>9.1f} | {r['decode_speedup']:>5.2f} | "
-              f"{o['ttft_s'] * 1000:>7.0f}ms | {t['ttft_s'] * 1000:>6.0f}ms")
+              f"{o['ttft_s'] * 1000:>7.0f}ms | {t['ttft_s'] * 1000:>6.0f}ms | {products}")
+    print("(products: a decode step reduced to its weight products, the ceiling XLA's matrix products set)")
     for r in rows:
         if "bandwidth_fraction" in r:
             print(f"batch 1 reads weights at {r['bandwidth_fraction']:.0%} of the measured read bandwidth")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores", "jax": jax.__version__, "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(), "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "jax": jax.__version__, "torch": torch.__version__,
         "transformers": transformers.__version__, "model": llm.path.name, "dtype": "float32",
         "new_tokens": args.new_tokens, "weight_bytes": weight_bytes, "read_bandwidth_bytes_s": bandwidth,
         "rows": rows,
