@@ -13,6 +13,7 @@ of a ceiling measured in the same run (a large bf16 matmul, a large device-to-de
 a table and writes JSON (default benchmarks/kernels_<device>.json).
 
   python scripts/bench_kernels.py            # on the GPU machine
+  python scripts/bench_kernels.py --quick    # only the sizes the targets name (a short GPU lease)
   python scripts/bench_kernels.py --smoke    # tiny sizes, Pallas interpret mode: checks it runs (CPU)
 """
 
@@ -280,6 +281,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, interpret mode (CPU, < 1 min)")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the sizes the targets name: prefill at 8k tokens, decode at batch 1 and 8 over 32k")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/kernels_<device>.json)")
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per measurement (median)")
     args = parser.parse_args(argv)
@@ -295,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.smoke:
         prefill_tokens, decode_batches, decode_cached = [48], [1, 2], [128]
+    elif args.quick:
+        prefill_tokens, decode_batches, decode_cached = [8192], [1, 8], [32768]
     else:
         prefill_tokens = [1024, 4096, 16384, 32768]
         decode_batches, decode_cached = [1, 8, 64], [1024, 4096, 16384, 32768, 65536, 131072]
@@ -329,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         "jax": jax.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "smoke": args.smoke,
+        "quick": args.quick,
         "interpret": settings.interpret,
         "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": jnp.dtype(DTYPE).name},
         "ceilings": ceilings,
