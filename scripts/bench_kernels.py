@@ -251,6 +251,9 @@ def run_config(
             row.update(ms=seconds * 1e3, rate=rate, unit=unit, of_ceiling=rate / ceiling)
             if ours is not None:
                 row["max_abs_diff_vs_pallas"] = float(jnp.max(jnp.abs(out - ours)))
+        # One line as each result comes, so a run stopped by a time limit still leaves what it measured.
+        done = f"{row['ms']:.3f} ms, {row['rate']:.4g} {unit}" if "ms" in row else f"skipped: {row['skipped']}"
+        print(f"  {kind} batch {batch} tokens {tokens} cached {cached} {name}: {done}", flush=True)
         rows.append(row)
     return rows
 

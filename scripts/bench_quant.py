@@ -123,6 +123,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
             achieved = (wbytes + r["kv_bytes_per_step"]) / r["step_s"]
             rows.append({"weights": name, "batch": b, "weight_bytes": wbytes, **r,
                          "achieved_bytes_s": achieved, "bandwidth_fraction": achieved / bandwidth})
+            print(f"  {name}, batch {b}: {r['tok_s']:.1f} tok/s", flush=True)  # progress, in case of a time limit
     for r in rows:
         ref = next(x for x in rows if x["weights"] == "bfloat16" and x["batch"] == r["batch"])
         r["speedup_vs_bf16"] = r["tok_s"] / ref["tok_s"]
