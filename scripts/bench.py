@@ -52,6 +52,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def best_seconds(run, repeats: int) -> float:
+    """The shortest of `repeats` timed calls of `run` (which must wait for its own result)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Bytes/s of summing a large float32 array (a memory-bound read), the best of numpy (one
     thread) and a jitted XLA reduction (all cores) over several runs."""
@@ -62,13 +72,8 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     device_a = jnp.asarray(a)
     total = jax.jit(jnp.sum)
     total(device_a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        for run in (a.sum, lambda: total(device_a).block_until_ready()):
-            t = time.perf_counter()
-            run()
-            best = min(best, time.perf_counter() - t)
-    return a.nbytes / best
+    numpy_s = best_seconds(a.sum, repeats)
+    return a.nbytes / min(numpy_s, best_seconds(lambda: total(device_a).block_until_ready(), repeats))
 
 
 def weight_products_rate(params, config, batch: int, steps: int = 16, repeats: int = 5) -> float | None:
@@ -103,12 +108,7 @@ def weight_products_rate(params, config, batch: int, steps: int = 16, repeats: i
     run = jax.jit(lambda x: jax.lax.scan(step, x, None, length=steps)[0])
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, config.dim)), params["embed"].dtype)
     run(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return batch * steps / best
+    return batch * steps / best_seconds(lambda: run(x).block_until_ready(), repeats)
 
 
 def bench_ours(llm, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
