@@ -70,6 +70,7 @@ class LLM:
         shardings: Any = None,
         path: Path | None = None,
         cache_dtype: Any = None,
+        feature_major_decode: bool | None = None,
     ):
         self.config = config
         self.params = params
@@ -82,6 +83,7 @@ class LLM:
         self.engine = Engine(
             config, params, max_slots=max_slots, max_seq_len=max_seq_len, decode_steps=decode_steps,
             attention_impl=attention_impl, shardings=shardings, cache_dtype=cache_dtype,
+            feature_major_decode=feature_major_decode,
         )
         self.scheduler = Scheduler(self.engine, tokenizer) if tokenizer is not None else None
         self._chat_format = None
@@ -315,6 +317,7 @@ def load(
     cache_dtype: str | None = None,
     distributed: bool | dict | None = None,
     scan_layers: bool = False,
+    feature_major_decode: bool | None = None,
 ) -> LLM:
     """Load a checkpoint onto the devices and return an `LLM`.
 
@@ -337,6 +340,9 @@ def load(
     independent of depth, the layout training needs) instead of one array per layer, unrolled
     (the default: a scan slices, i.e. copies, every weight at every step, which costs decode
     speed wherever weights are read from memory at each token).
+    `feature_major_decode`: decode with (out, in) copies of the layer weights (model.py), faster
+    on XLA's CPU backend, for a second copy of the weights in memory; None (default): on for
+    plain (unquantized, merged) weights on one CPU device, False saves the memory.
     """
     from .distributed import initialize_from
     from .sources import resolve_checkpoint
@@ -390,4 +396,5 @@ def load(
     return LLM(
         config, params, tokenizer, max_slots=max_slots, max_seq_len=max_seq_len, decode_steps=decode_steps,
         attention_impl=attention_impl, shardings=shardings, path=Path(ckpt), cache_dtype=cache_dtype,
+        feature_major_decode=feature_major_decode,
     )

@@ -28,7 +28,7 @@ import numpy as np
 
 from .attention import AttentionImpl
 from .config import LlamaConfig
-from .model import KVBlocks, KVCache, Params, forward
+from .model import KVBlocks, KVCache, Params, decode_feature_major, feature_major_params, forward
 from .sampling import (
     MAX_TOP_LOGPROBS, SamplerState, SamplingParams, bias_row, record, record_rows, row_values, sample, set_rows,
     token_logprobs,
@@ -76,7 +76,12 @@ class Engine:
         decode_steps: int = 8,
         attention_impl: AttentionImpl = "xla",
         shardings: Any = None,
+        feature_major_decode: bool | None = None,
     ):
+        """`feature_major_decode`: decode with (out, in) copies of the weights and the residual
+        stream as columns (model.decode_feature_major), which XLA's CPU backend runs faster at
+        a few rows, for a second copy of the layer weights in memory. None: on for plain weights
+        on one CPU device with the jnp attention."""
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         if decode_steps < 1:
@@ -136,6 +141,16 @@ class Engine:
         # The Pallas decode kernel reads each row's own length anyway.
         self._blocks_ok = attention_impl == "xla" and not self._all_rows and self.max_seq_len % KV_BLOCK == 0
         self._no_blocks = (jnp.zeros((0,), jnp.int32),) * 2  # decode over the dense window
+        if feature_major_decode is None:
+            feature_major_decode = (
+                shardings is None and attention_impl == "xla" and jax.default_backend() == "cpu"
+                and isinstance(params["layers"], (list, tuple))
+                and all(isinstance(a, jax.Array) for a in jax.tree.leaves(params))
+            )
+        elif feature_major_decode and (shardings is not None or attention_impl != "xla"):
+            raise ValueError("feature_major_decode needs one device (no shardings) and attention_impl='xla'")
+        self._decode_params = feature_major_params(params) if feature_major_decode else params
+        self.feature_major_decode = feature_major_decode
         self.cache, self.sampler, self.tokens, self.positions = self._new_state()
         # Host mirror: position of each slot's last token, or None when the slot is free.
         self.slot_pos: list[int | None] = [None] * max_slots
@@ -177,10 +192,16 @@ class Engine:
 
         def body(carry, _):
             cache, sampler, tokens, positions = carry
-            logits, cache = forward(
-                params, self.config, tokens[:, None], positions[:, None], cache, logits_at=jnp.zeros_like(tokens),
-                cache_rows=cache_rows, kv_window=kv_window, kv_blocks=blocks, attention_impl=self.attention_impl,
-            )
+            if self.feature_major_decode:  # `params` are feature_major_params
+                logits, cache = decode_feature_major(
+                    params, self.config, tokens[:, None], positions[:, None], cache, cache_rows=cache_rows,
+                    kv_window=kv_window, kv_blocks=blocks,
+                )
+            else:
+                logits, cache = forward(
+                    params, self.config, tokens[:, None], positions[:, None], cache, logits_at=jnp.zeros_like(tokens),
+                    cache_rows=cache_rows, kv_window=kv_window, kv_blocks=blocks, attention_impl=self.attention_impl,
+                )
             nxt = sample(logits, sampler, positions + 1)
             sampler = record(sampler, nxt)
             out = (nxt,) + (token_logprobs(logits, nxt, MAX_TOP_LOGPROBS) if want_lp else ())
@@ -335,7 +356,7 @@ class Engine:
         rows = self.decode_rows()
         window = self.kv_window_for(max(live) + steps)
         blocks = self._decode_blocks(rows, steps, window)
-        return (self.params, self.cache, self.sampler, self.tokens, self.positions, *(blocks or self._no_blocks),
+        return (self._decode_params, self.cache, self.sampler, self.tokens, self.positions, *(blocks or self._no_blocks),
                 steps, None if blocks else window, want_logprobs, rows)
 
     def _decode_blocks(self, rows: int, steps: int, window: int) -> tuple[jax.Array, jax.Array] | None:

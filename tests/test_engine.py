@@ -8,7 +8,7 @@ from flax import nnx
 
 from llama_jax.config import LlamaConfig
 from llama_jax.engine import Engine, PrefillJob
-from llama_jax.model import KVCache, Llama, forward
+from llama_jax.model import KVCache, Llama, forward, unstack_layers
 from llama_jax.sampling import SamplingParams
 
 GREEDY = SamplingParams.greedy()
@@ -124,6 +124,56 @@ def test_block_decode_equals_the_dense_window(tiny, cache_dtype):
     dense._blocks_ok = False
     assert _run(dense, prompts, 16) == together
     assert [_run(engine, [p], 16, slots=[3])[0] for p in prompts] == together
+
+
+def _decode_with_logprobs(engine, prompts, steps):
+    """Prefill prompts into slots 0, 1, ... and decode `steps` calls: tokens and chosen-token logprobs."""
+    for slot, prompt in enumerate(prompts):
+        engine.prefill(slot, prompt, GREEDY, 0)
+    outs = [engine.decode(want_logprobs=True) for _ in range(steps)]
+    for slot in range(len(prompts)):
+        engine.release(slot)
+    return np.concatenate([o.tokens for o in outs]), np.concatenate([o.logprobs for o in outs])
+
+
+@pytest.mark.parametrize("preset, cache_dtype, blocks", [  # untied and tied LM heads
+    ("tiny", None, True), ("tiny", jnp.int8, False), ("tiny-mha-tied", None, False), ("tiny-mha-tied", jnp.int8, True),
+])
+def test_feature_major_decode_equals_stored_weights(preset, cache_dtype, blocks):
+    """Decode with (out, in) weight copies and the residual stream as columns gives the tokens
+    and log-probabilities of the stored-layout decode: over KV blocks and over the dense
+    window, with a float and an int8 cache, with all slots and with fewer rows than slots."""
+    config = LlamaConfig.from_preset(preset)
+    params = Llama(config, rngs=nnx.Rngs(1), dtype=jnp.float32).params()
+    params = {**params, "layers": unstack_layers(params["layers"], config.n_layers)}
+    engines = {}
+    for fm in (False, True):
+        e = Engine(config, params, max_slots=4, max_seq_len=256, decode_steps=4, prefill_buckets=(8, 64),
+                   cache_dtype=cache_dtype, feature_major_decode=fm)
+        e._blocks_ok &= blocks
+        engines[fm] = e
+    assert engines[True].feature_major_decode
+    for lengths in ([130, 5, 9, 3], [7]):  # all four rows; one row of four slots
+        prompts = _prompts(config.vocab_size, lengths, seed=8)
+        (t0, lp0), (t1, lp1) = (_decode_with_logprobs(engines[fm], prompts, 3) for fm in (False, True))
+        np.testing.assert_array_equal(t1, t0)
+        # An int8 cache can round a key one step differently when the products differ in the last bit.
+        tol = 1e-5 if cache_dtype is None else 5e-4
+        np.testing.assert_allclose(lp1, lp0, rtol=tol, atol=tol)
+
+
+def test_feature_major_decode_is_the_cpu_default_for_plain_unstacked_weights(tiny):
+    config, params = tiny
+    unstacked = {**params, "layers": unstack_layers(params["layers"], config.n_layers)}
+    assert Engine(config, unstacked, max_slots=2, max_seq_len=64).feature_major_decode
+    assert not Engine(config, params, max_slots=2, max_seq_len=64).feature_major_decode  # stacked (scan)
+    got = _run(Engine(config, unstacked, max_slots=4, max_seq_len=256, decode_steps=4, prefill_buckets=(8, 16)),
+               _prompts(config.vocab_size, [3, 21, 9]), 10)
+    assert got == _run(_engine(tiny), _prompts(config.vocab_size, [3, 21, 9]), 10)
+    with pytest.raises(ValueError, match="one weight tree per layer"):
+        Engine(config, params, max_slots=2, max_seq_len=64, feature_major_decode=True)
+    with pytest.raises(ValueError, match="attention_impl='xla'"):
+        Engine(config, unstacked, max_slots=2, max_seq_len=64, feature_major_decode=True, attention_impl="pallas")
 
 
 def test_prefill_validates(tiny):
