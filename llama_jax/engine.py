@@ -356,8 +356,8 @@ class Engine:
         rows = self.decode_rows()
         window = self.kv_window_for(max(live) + steps)
         blocks = self._decode_blocks(rows, steps, window)
-        return (self._decode_params, self.cache, self.sampler, self.tokens, self.positions, *(blocks or self._no_blocks),
-                steps, None if blocks else window, want_logprobs, rows)
+        return (self._decode_params, self.cache, self.sampler, self.tokens, self.positions,
+                *(blocks or self._no_blocks), steps, None if blocks else window, want_logprobs, rows)
 
     def _decode_blocks(self, rows: int, steps: int, window: int) -> tuple[jax.Array, jax.Array] | None:
         """The (rows, starts) block list of a decode of `steps` tokens for the first `rows` slots

@@ -8,8 +8,9 @@ Both engines get the same prompts (chat-formatted), generate exactly --new-token
 (EOS ignored) and are timed after a warm-up run. The batch-1 rate is also reported against this
 machine's memory-bandwidth ceiling: weight bytes read per token × tokens/s, over the bandwidth of
 a large-array read measured in the same run. Every batch is also reported against a decode step
-reduced to its weight products (the same matrix products, nothing else): on CPU at batch 8 those
-products, more than memory, set the pace. Prints a table and writes JSON under benchmarks/.
+reduced to its weight products (the same matrix products in the engine's form, nothing else): on
+CPU at batch 8 those products, more than memory, set the pace. Prints a table and writes JSON
+under benchmarks/.
 """
 
 from __future__ import annotations
@@ -76,24 +77,26 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return a.nbytes / min(numpy_s, best_seconds(lambda: total(device_a).block_until_ready(), repeats))
 
 
-def weight_products_rate(params, config, batch: int, steps: int = 16, repeats: int = 5) -> float | None:
+def weight_products_rate(params, config, batch: int, feature_major: bool, steps: int = 16,
+                         repeats: int = 5) -> float | None:
     """Tokens/s of a decode step reduced to its weight products: the model's own 2-D products
-    (`model.dense`, the same weights, the LM head included) chained through a residual, with no
-    KV cache, attention, rotary, norm or sampler; `steps` of them per dispatch, like the engine.
-    What XLA's matrix products alone allow at this batch: a ceiling for the whole step.
-    None for stacked (scanned) layer weights."""
+    (the same weights, the LM head included) chained through a residual, with no KV cache,
+    attention, rotary, norm or sampler; `steps` of them per dispatch, like the engine. With
+    `feature_major`, in the engine's CPU form (model.decode_feature_major: (out, in) weights times
+    the activations as columns), else as `model.dense` (rows times (in, out) weights). What XLA's
+    matrix products alone allow at this batch: a ceiling for the whole step. Every logit feeds
+    the next step, so XLA cannot drop part of the LM head. None for stacked (scanned) layers."""
     import jax
     import jax.numpy as jnp
 
-    from llama_jax.model import dense
+    from llama_jax.model import dense, feature_major_params
 
-    layers = params["layers"]
-    if not isinstance(layers, (list, tuple)):
+    if not isinstance(params["layers"], (list, tuple)):
         return None
     group = config.n_heads // config.n_kv_heads
 
-    def step(x, _):  # x (B, D)
-        for p in layers:
+    def step_rows(x, _):  # x (B, D)
+        for p in params["layers"]:
             q = dense("bd,dnh->bnh", x, p["wq"])
             kv = dense("bd,dkh->bkh", x, p["wk"]) + dense("bd,dkh->bkh", x, p["wv"])
             x = x + dense("bnh,nhd->bd", q + jnp.repeat(kv, group, axis=1), p["wo"])
@@ -103,10 +106,24 @@ def weight_products_rate(params, config, batch: int, steps: int = 16, repeats: i
             logits = jnp.einsum("bd,vd->bv", x, params["embed"], preferred_element_type=jnp.float32)
         else:
             logits = dense("bd,dv->bv", x, params["lm_head"], out_dtype=jnp.float32)
-        return x + logits[:, : x.shape[1]].astype(x.dtype), None
+        return x + logits.max(axis=1, keepdims=True).astype(x.dtype), None
 
+    columns = feature_major_params(params) if feature_major else None
+
+    def step_columns(h, _):  # h (D, B)
+        for p in columns["layers"]:
+            q = p["wq"] @ h
+            kv = (p["wk"] @ h + p["wv"] @ h).reshape(config.n_kv_heads, config.head_dim, -1)
+            h = h + p["wo"] @ (q + jnp.repeat(kv, group, axis=0).reshape(q.shape))
+            h = h + p["w_down"] @ (jax.nn.silu(p["w_gate"] @ h) * (p["w_up"] @ h))
+        head = columns["embed"] if config.tie_embeddings else columns["lm_head"]  # (V, D)
+        logits = jnp.dot(head, h, preferred_element_type=jnp.float32)
+        return h + logits.max(axis=0, keepdims=True).astype(h.dtype), None
+
+    step = step_columns if feature_major else step_rows
     run = jax.jit(lambda x: jax.lax.scan(step, x, None, length=steps)[0])
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, config.dim)), params["embed"].dtype)
+    x = x.T if feature_major else x
     run(x).block_until_ready()
     return batch * steps / best_seconds(lambda: run(x).block_until_ready(), repeats)
 
@@ -189,7 +206,7 @@ def main() -> int:
         theirs = bench_transformers(hf_model, hf_tok, prompts, args.new_tokens, args.repeats)
         row = {"batch": b, "llama_jax": ours, "transformers": theirs,
                "decode_speedup": ours["decode_tok_s"] / theirs["decode_tok_s"]}
-        products = weight_products_rate(llm.params, llm.config, b)
+        products = weight_products_rate(llm.params, llm.config, b, llm.engine.feature_major_decode)
         if products:
             row["weight_products_tok_s"] = products
             row["products_fraction"] = ours["decode_tok_s"] / products
