@@ -28,7 +28,9 @@ import numpy as np
 
 from .attention import AttentionImpl
 from .config import LlamaConfig
-from .model import KVBlocks, KVCache, Params, decode_feature_major, feature_major_params, forward
+from .model import (
+    KVBlocks, KVCache, Params, decode_feature_major, feature_major_params, feature_major_problem, forward,
+)
 from .sampling import (
     MAX_TOP_LOGPROBS, SamplerState, SamplingParams, bias_row, record, record_rows, row_values, sample, set_rows,
     token_logprobs,
@@ -142,11 +144,8 @@ class Engine:
         self._blocks_ok = attention_impl == "xla" and not self._all_rows and self.max_seq_len % KV_BLOCK == 0
         self._no_blocks = (jnp.zeros((0,), jnp.int32),) * 2  # decode over the dense window
         if feature_major_decode is None:
-            feature_major_decode = (
-                shardings is None and attention_impl == "xla" and jax.default_backend() == "cpu"
-                and isinstance(params["layers"], (list, tuple))
-                and all(isinstance(a, jax.Array) for a in jax.tree.leaves(params))
-            )
+            feature_major_decode = (shardings is None and attention_impl == "xla" and jax.default_backend() == "cpu"
+                                    and feature_major_problem(params) is None)
         elif feature_major_decode and (shardings is not None or attention_impl != "xla"):
             raise ValueError("feature_major_decode needs one device (no shardings) and attention_impl='xla'")
         self._decode_params = feature_major_params(params) if feature_major_decode else params

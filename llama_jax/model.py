@@ -279,15 +279,24 @@ def forward(
 # few transposes to and from attention's (B, ..., Dh) layout sit behind optimization barriers.
 
 
+def feature_major_problem(params: Params) -> str | None:
+    """Why `feature_major_params` cannot take these parameters, or None when it can."""
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        return "feature-major decode needs one weight tree per layer (load(scan_layers=False))"
+    weights = [w for p in layers for w in p.values()] + [params["embed"], params.get("lm_head", params["embed"])]
+    if not all(isinstance(w, jax.Array) for w in weights):  # quantized and LoRA weights are objects
+        return "feature-major decode needs plain weight arrays (not quantized or LoRA-adapted weights)"
+    return None
+
+
 def feature_major_params(params: Params) -> Params:
     """(out, in) 2-D copies of the per-layer weights and the LM head, for `decode_feature_major`.
     Needs plain arrays with one tree per layer (the layout `load` gives by default)."""
+    problem = feature_major_problem(params)
+    if problem:
+        raise ValueError(problem)
     layers = params["layers"]
-    if not isinstance(layers, (list, tuple)):
-        raise ValueError("feature-major decode needs one weight tree per layer (load(scan_layers=False))")
-    leaves = jax.tree.leaves(params)
-    if not all(isinstance(a, jax.Array) for a in leaves):
-        raise ValueError("feature-major decode needs plain weight arrays (not quantized or LoRA-adapted weights)")
 
     def out_in(w: jax.Array, n_in: int) -> jax.Array:  # contracted axes first -> (out, in), a copy
         return w.reshape(math.prod(w.shape[:n_in]), -1).T

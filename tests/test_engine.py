@@ -9,6 +9,7 @@ from flax import nnx
 from llama_jax.config import LlamaConfig
 from llama_jax.engine import Engine, PrefillJob
 from llama_jax.model import KVCache, Llama, forward, unstack_layers
+from llama_jax.quantization import quantize_weight
 from llama_jax.sampling import SamplingParams
 
 GREEDY = SamplingParams.greedy()
@@ -167,6 +168,10 @@ def test_feature_major_decode_is_the_cpu_default_for_plain_unstacked_weights(tin
     unstacked = {**params, "layers": unstack_layers(params["layers"], config.n_layers)}
     assert Engine(config, unstacked, max_slots=2, max_seq_len=64).feature_major_decode
     assert not Engine(config, params, max_slots=2, max_seq_len=64).feature_major_decode  # stacked (scan)
+    layer = unstacked["layers"][0]
+    quantized = {**unstacked, "layers": ({**layer, "wq": quantize_weight(layer["wq"], "wq", "int8", stacked=False)},
+                                         *unstacked["layers"][1:])}
+    assert not Engine(config, quantized, max_slots=2, max_seq_len=64).feature_major_decode  # an object, not an array
     got = _run(Engine(config, unstacked, max_slots=4, max_seq_len=256, decode_steps=4, prefill_buckets=(8, 16)),
                _prompts(config.vocab_size, [3, 21, 9]), 10)
     assert got == _run(_engine(tiny), _prompts(config.vocab_size, [3, 21, 9]), 10)
