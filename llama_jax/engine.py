@@ -12,6 +12,9 @@
   attention reads instead, when that is not more, a ragged list of KV_BLOCK-slot blocks, each row
   only the blocks it has: one long conversation among short ones does not slow them all.
 - The cache and sampler state are donated to every step and updated in place.
+- On one CPU device, decode runs feature-major (`model.decode_feature_major`, on (out, in) copies
+  of the weights), which XLA's CPU backend runs faster at a few rows; prefill uses the weights as
+  stored.
 
 The engine knows nothing of text or requests: `scheduler.py` drives it.
 """
