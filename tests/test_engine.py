@@ -1,5 +1,7 @@
 """The engine on a tiny random model: cached decode, batching, chunked prefill, compile counts."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,6 +181,22 @@ def test_feature_major_decode_is_the_cpu_default_for_plain_unstacked_weights(tin
         Engine(config, params, max_slots=2, max_seq_len=64, feature_major_decode=True)
     with pytest.raises(ValueError, match="attention_impl='xla'"):
         Engine(config, unstacked, max_slots=2, max_seq_len=64, feature_major_decode=True, attention_impl="pallas")
+
+
+def test_feature_major_decode_compiles_every_weight_product_as_weight_times_columns(tiny):
+    """The speed of feature-major decode rests on XLA keeping each weight product as W (out, in)
+    times activations (in, B); XLA folds a transpose next to a dot into it unless kept apart."""
+    config, params = tiny
+    unstacked = {**params, "layers": unstack_layers(params["layers"], config.n_layers)}
+    engine = Engine(config, unstacked, max_slots=4, max_seq_len=256, decode_steps=2, prefill_buckets=(8,))
+    for slot in range(4):
+        engine.prefill(slot, _prompts(config.vocab_size, [5], seed=slot)[0], GREEDY, 0)
+    hlo = engine.lower_decode().compile().as_text()
+    products = [line for line in hlo.splitlines() if " dot(" in line and "batch_dims" not in line]
+    assert len(products) == 7 * config.n_layers + 1  # q, k, v, o, gate, up, down; the LM head
+    for line in products:
+        assert re.search(r"= f32\[\d+,4\]\{1,0\} dot\(", line), line
+        assert "lhs_contracting_dims={1}, rhs_contracting_dims={0}" in line, line
 
 
 def test_prefill_validates(tiny):
