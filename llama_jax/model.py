@@ -211,6 +211,22 @@ def _update_cache(
     return cache, k_seen, dequantize_kv(read(cache.v), read(cache.v_scale), dtype)
 
 
+def _cache_access(
+    tokens: jax.Array, cache: KVCache | None, cache_rows: jax.Array | None, kv_window: int | None,
+    kv_blocks: KVBlocks | None,
+) -> tuple[jax.Array | None, int | None]:
+    """The cache rows of the input rows (None: row b is cache row b) and the window attention reads,
+    for `forward`'s arguments; checks that `kv_blocks` fits the cache and the input."""
+    if kv_blocks is not None and (cache is None or tokens.shape[1] != 1 or cache.max_len % kv_blocks.size):
+        raise ValueError("kv_blocks needs a cache whose length is a multiple of the block size, and one token per row")
+    if cache is None:
+        return cache_rows, None
+    rows = cache_rows
+    if rows is None and tokens.shape[0] != cache.k.shape[1]:
+        rows = jnp.arange(tokens.shape[0])
+    return rows, cache.max_len if kv_window is None else min(kv_window, cache.max_len)
+
+
 def forward(
     params: Params,
     config: LlamaConfig,
@@ -238,12 +254,7 @@ def forward(
     """
     x = jnp.take(params["embed"], tokens, axis=0)  # (B, T, D)
     cos, sin = rope_tables(config, positions)
-    rows = cache_rows
-    if rows is None and cache is not None and tokens.shape[0] != cache.k.shape[1]:
-        rows = jnp.arange(tokens.shape[0])
-    window = None if cache is None else cache.max_len if kv_window is None else min(kv_window, cache.max_len)
-    if kv_blocks is not None and (cache is None or tokens.shape[1] != 1 or cache.max_len % kv_blocks.size):
-        raise ValueError("kv_blocks needs a cache whose length is a multiple of the block size, and one token per row")
+    rows, window = _cache_access(tokens, cache, cache_rows, kv_window, kv_blocks)
 
     def step(carry, layer):
         x, cache = carry
@@ -336,10 +347,7 @@ def decode_feature_major(
     barrier = jax.lax.optimization_barrier
     h = jnp.take(params["embed"], tokens[:, 0], axis=0).T  # (D, B)
     cos, sin = rope_tables(config, positions)
-    rows = cache_rows
-    if rows is None and tokens.shape[0] != cache.k.shape[1]:
-        rows = jnp.arange(b)
-    window = cache.max_len if kv_window is None else min(kv_window, cache.max_len)
+    rows, window = _cache_access(tokens, cache, cache_rows, kv_window, kv_blocks)
 
     def heads(w: jax.Array, x: jax.Array, n: int) -> jax.Array:  # (B, 1, n, Dh)
         return barrier(w @ x).T.reshape(b, 1, n, c.head_dim)
