@@ -35,9 +35,10 @@ from .model import (
     KVBlocks, KVCache, Params, decode_feature_major, feature_major_params, feature_major_problem, forward,
 )
 from .sampling import (
-    MAX_TOP_LOGPROBS, SamplerState, SamplingParams, bias_row, record, record_rows, row_values, sample, set_rows,
-    token_logprobs,
+    MAX_TOP_LOGPROBS, SamplerState, SamplingParams, bias_row, constrain_rows, record, record_rows, row_values, sample,
+    set_rows, token_logprobs,
 )
+from .structured import mask_words
 
 # Prompt lengths are padded up to one of these, so a prompt pays for at most half again its own
 # length (16 -> 24 tokens aside); each bucket is one program per power-of-two row count.
@@ -55,6 +56,7 @@ class PrefillJob:
     sampling: SamplingParams
     seed: int
     stop_ids: tuple[int, ...] = ()  # not sampled before sampling.min_tokens tokens
+    allowed: np.ndarray | None = None  # bitmask of the tokens the first may be (structured.Matcher.mask)
 
 
 @dataclasses.dataclass
@@ -116,6 +118,7 @@ class Engine:
         prefill_sh: dict[str, Any] = {}
         decode_sh: dict[str, Any] = {}
         release_sh: dict[str, Any] = {}
+        constrain_sh: dict[str, Any] = {}
         if shardings is None:
             # Committed to the device like every step's outputs: the first call then compiles the
             # same program as all later ones (an uncommitted argument is a different program).
@@ -136,11 +139,12 @@ class Engine:
             # Built in place on the devices: the full cache never sits on one device.
             self._new_state = jax.jit(state, out_shardings=state_sh)
             prefill_sh = dict(
-                in_shardings=(shardings.params, cache_sh, sampler_sh) + (rep,) * 8,
+                in_shardings=(shardings.params, cache_sh, sampler_sh) + (rep,) * 9,
                 out_shardings=(cache_sh, sampler_sh, rep),
             )
             decode_sh = dict(in_shardings=(shardings.params,) + state_sh + (rep, rep), out_shardings=state_sh + (rep,))
             release_sh = dict(in_shardings=(rows, sampler_sh, rep), out_shardings=(rows, sampler_sh))
+            constrain_sh = dict(in_shardings=(sampler_sh, rep, rep), out_shardings=sampler_sh)
         self._all_rows = shardings is not None and shardings.dp > 1  # see decode_rows
         # Block decode attention gathers blocks across rows: not with slots split over devices.
         # The Pallas decode kernel reads each row's own length anyway.
@@ -158,14 +162,15 @@ class Engine:
         self.slot_pos: list[int | None] = [None] * max_slots
         # Slots whose prompt is partly in the cache (prefill_next): tokens written so far.
         self.filling: dict[int, int] = {}
-        self._prefill = jax.jit(self._prefill_fn, static_argnums=(11, 12), donate_argnums=(1, 2), **prefill_sh)
+        self._prefill = jax.jit(self._prefill_fn, static_argnums=(12, 13), donate_argnums=(1, 2), **prefill_sh)
         self._decode = jax.jit(self._decode_fn, static_argnums=(7, 8, 9, 10), donate_argnums=(1, 2, 3, 4), **decode_sh)
         self._release = jax.jit(self._park_fn, donate_argnums=(0, 1), **release_sh)
+        self._constrain = jax.jit(constrain_rows, donate_argnums=(0,), **constrain_sh)
 
     # ---- jitted bodies ----
     # Static arguments are positional: jit takes no keyword arguments once in_shardings are given.
-    def _prefill_fn(self, params, cache, sampler, tokens, start, length, slots, values, seen, bias, stops, kv_window,
-                    want_lp):
+    def _prefill_fn(self, params, cache, sampler, tokens, start, length, slots, values, seen, bias, stops, allowed,
+                    kv_window, want_lp):
         """One chunk of N prompts: row i's tokens (N, T) at positions start[i]..start[i]+T-1,
         length[i] of them real, into slot slots[i]. Padding rows (slot == max_slots, length 0)
         write nothing: their positions are parked past the cache and their sampler rows dropped."""
@@ -177,7 +182,7 @@ class Engine:
             params, self.config, tokens, positions, cache, logits_at=jnp.maximum(length - 1, 0),
             cache_rows=rows, kv_window=kv_window, attention_impl=self.attention_impl,
         )
-        sampler = set_rows(sampler, slots, values, seen, bias, stops)
+        sampler = set_rows(sampler, slots, values, seen, bias, stops, allowed)
         token = sample(logits, jax.tree.map(lambda a: a[rows], sampler), start + length)
         sampler = record_rows(sampler, slots, token)
         out = (token,) + (token_logprobs(logits, token, MAX_TOP_LOGPROBS) if want_lp else ())
@@ -309,6 +314,7 @@ class Engine:
         seen = np.zeros((n, vocab), bool)  # prompt tokens, for the repetition penalty
         bias = np.zeros((n, vocab), np.float32)
         stops = np.zeros((n, vocab), bool)
+        allowed = np.full((n, mask_words(vocab)), -1, np.int32)  # every token
         rows = [row_values(j.sampling, j.seed) for j, _ in pieces]
         rows += [rows[0]] * (n - len(pieces))
         for r, (j, s) in enumerate(pieces):
@@ -318,13 +324,26 @@ class Engine:
             seen[r, np.asarray(j.prompt)] = True
             bias[r] = bias_row(j.sampling, vocab)
             stops[r, list(j.stop_ids)] = True
+            if j.allowed is not None:
+                allowed[r] = j.allowed
         values = {k: jnp.asarray(np.stack([v[k] for v in rows])) for k in rows[0]}
         self.cache, self.sampler, out = self._prefill(
             self.params, self.cache, self.sampler, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(length),
-            jnp.asarray(slots), values, jnp.asarray(seen), jnp.asarray(bias), jnp.asarray(stops),
+            jnp.asarray(slots), values, jnp.asarray(seen), jnp.asarray(bias), jnp.asarray(stops), jnp.asarray(allowed),
             self.kv_window_for(int(start.max()) + bucket), want_lp,
         )
         return _host_output(out, (1, n))
+
+    def constrain(self, slots: Sequence[int], masks: np.ndarray) -> None:
+        """Limit the next token of each slot in `slots` to the tokens of its bitmask, a row of
+        `masks` (N, ceil(V / 32)) int32 (structured.Matcher.mask). It holds until the slot's
+        next prefill or constrain: decode such slots one step at a time."""
+        n = 1 << (len(slots) - 1).bit_length()  # rows padded to a power of two: few programs
+        rows = np.full((n,), self.max_slots, np.int32)  # padding rows are dropped
+        rows[: len(slots)] = slots
+        words = np.full((n, mask_words(self.config.vocab_size)), -1, np.int32)
+        words[: len(slots)] = masks
+        self.sampler = self._constrain(self.sampler, jnp.asarray(rows), jnp.asarray(words))
 
     def decode_rows(self) -> int:
         """Rows the next decode computes: slots [0, rows) cover every live slot. A power of two

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .structured import StructuredOutput
+
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias: [-100, 100]
 
@@ -42,6 +44,8 @@ class SamplingParams:
     # `logit_bias`: {token id: bias in [-100, 100]}; kept as sorted (id, bias) pairs. Log-probabilities
     # stay those of the model.
     logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
+    # Only output that matches this (a JSON schema, a regex, ...; see structured.py) is sampled.
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,6 +83,8 @@ class SamplingParams:
         check(all(_is_int(t) and t >= 0 for t, _ in self.logit_bias), "logit_bias", "keys must be token ids >= 0")
         check(all(_finite(b) and abs(b) <= MAX_LOGIT_BIAS for _, b in self.logit_bias), "logit_bias",
               f"values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        check(self.structured_output is None or isinstance(self.structured_output, StructuredOutput),
+              "structured_output", "must be a StructuredOutput or None")
 
     @classmethod
     def greedy(cls, **kw) -> "SamplingParams":
@@ -114,6 +120,7 @@ class SamplerState:
     logit_bias: jax.Array  # (B, V) float32: added to the logits
     min_left: jax.Array  # int32: tokens to generate before a stop token may be sampled
     stop_mask: jax.Array  # (B, V) bool: the row's stop tokens, banned while min_left > 0
+    allowed: jax.Array  # (B, V) bool: tokens the row may sample next (structured output)
 
     @classmethod
     def empty(cls, batch: int, vocab: int) -> "SamplerState":
@@ -125,6 +132,7 @@ class SamplerState:
             output_counts=jnp.zeros((batch, vocab), jnp.int32), seen=jnp.zeros((batch, vocab), bool),
             logit_bias=jnp.zeros((batch, vocab), jnp.float32),
             min_left=jnp.zeros((batch,), jnp.int32), stop_mask=jnp.zeros((batch, vocab), bool),
+            allowed=jnp.ones((batch, vocab), bool),
         )
 
 
@@ -147,13 +155,28 @@ def bias_row(p: SamplingParams, vocab: int) -> np.ndarray:
     return row
 
 
+def unpack_mask(words: jax.Array, vocab: int) -> jax.Array:
+    """(N, ceil(V / 32)) int32 bitmasks (token t: bit t % 32 of word t // 32) as (N, V) bool."""
+    ids = jnp.arange(vocab, dtype=jnp.int32)
+    return (jnp.right_shift(words[:, ids >> 5], ids & 31) & 1).astype(bool)
+
+
+def constrain_rows(state: SamplerState, rows: jax.Array, words: jax.Array) -> SamplerState:
+    """Set the tokens rows `rows` (N,) may sample next from bitmasks `words` (N, ceil(V / 32))."""
+    vocab = state.allowed.shape[1]
+    return dataclasses.replace(state, allowed=state.allowed.at[rows].set(unpack_mask(words, vocab), mode="drop"))
+
+
 def set_rows(
     state: SamplerState, rows: jax.Array, values: dict[str, jax.Array], seen: jax.Array, bias: jax.Array,
-    stops: jax.Array,
+    stops: jax.Array, allowed: jax.Array | None = None,
 ) -> SamplerState:
     """Reset rows `rows` (N,) for new requests: `values` holds (N,) fields, `seen` (N, V) bool marks
-    each prompt's tokens, `bias` (N, V) holds their logit biases and `stops` (N, V) bool their stop
-    tokens (for min_tokens). Rows past the state's batch are dropped (padding)."""
+    each prompt's tokens, `bias` (N, V) holds their logit biases, `stops` (N, V) bool their stop
+    tokens (for min_tokens) and `allowed` (N, ceil(V / 32)) int32 the bitmasks of the tokens
+    they may sample first (None: any). Rows past the state's batch are dropped (padding)."""
+    vocab = state.allowed.shape[1]
+    first = True if allowed is None else unpack_mask(allowed, vocab)
     fields = {k: getattr(state, k).at[rows].set(v, mode="drop") for k, v in values.items()}
     return dataclasses.replace(
         state, **fields,
@@ -161,6 +184,7 @@ def set_rows(
         seen=state.seen.at[rows].set(seen, mode="drop"),
         logit_bias=state.logit_bias.at[rows].set(bias, mode="drop"),
         stop_mask=state.stop_mask.at[rows].set(stops, mode="drop"),
+        allowed=state.allowed.at[rows].set(first, mode="drop"),
     )
 
 
@@ -181,7 +205,8 @@ def record(state: SamplerState, tokens: jax.Array) -> SamplerState:
 
 def _penalise(logits: jax.Array, s: SamplerState) -> jax.Array:
     # The bias first, as vLLM does: penalties then act on the biased logits.
-    logits = jnp.where(s.stop_mask & (s.min_left > 0)[:, None], -jnp.inf, logits + s.logit_bias)
+    banned = (s.stop_mask & (s.min_left > 0)[:, None]) | ~s.allowed
+    logits = jnp.where(banned, -jnp.inf, logits + s.logit_bias)
     rep = s.repetition_penalty[:, None]
     logits = jnp.where(s.seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     counts = s.output_counts.astype(jnp.float32)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from typing import Callable
@@ -22,7 +23,10 @@ import numpy as np
 
 from .engine import Engine, PrefillJob, StepOutput
 from .sampling import SamplingParams, seeds_for
+from .structured import GrammarCompiler, Matcher
 from .tokenizer import IncrementalDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def check_token_ids(ids: list[int], vocab: int) -> None:
@@ -71,6 +75,7 @@ class Request:
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     stop_ids: frozenset[int] = frozenset()  # tokens that end it: set at admission
+    matcher: Matcher | None = None  # its place in sampling.structured_output's grammar
 
 
 class _StopText:
@@ -124,6 +129,14 @@ class Scheduler:
         self._by_id: dict[str, Request] = {}  # admitted requests until their last event is out
         self._text: dict[str, tuple[IncrementalDecoder, _StopText]] = {}
         self.stop_ids = frozenset(tokenizer.stop_ids)
+        self._grammars: GrammarCompiler | None = None
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles requests' structured-output constraints (built on first use)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.engine.config.vocab_size, self.stop_ids)
+        return self._grammars
 
     # ---- thread-safe entry points ----
     def add(self, request: Request) -> Request:
@@ -138,6 +151,9 @@ class Scheduler:
         outside = [t for t, _ in request.sampling.logit_bias if t >= vocab]
         if outside:
             raise ValueError(f"logit_bias names token ids past the vocabulary ({vocab} tokens): {outside[:5]}")
+        constraint = request.sampling.structured_output
+        if constraint is not None and request.matcher is None:
+            request.matcher = self.grammars.matcher(constraint)
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} requests already")
@@ -190,7 +206,11 @@ class Scheduler:
         self._skipped_decode = skip
         if self.running and not skip:
             want_lp = any(r.sampling.logprobs for r in self.running.values())
-            out = self.engine.decode(want_logprobs=want_lp)
+            # A constrained request needs its next mask after each token: one step per dispatch.
+            constrained = {slot: r.matcher for slot, r in self.running.items() if r.matcher is not None}
+            if constrained:
+                self.engine.constrain(list(constrained), np.stack([m.mask() for m in constrained.values()]))
+            out = self.engine.decode(want_logprobs=want_lp, steps=1 if constrained else None)
             for slot, req in list(self.running.items()):
                 events.extend(self._consume(req, out, slot))
         self._dispatch(events)
@@ -243,7 +263,8 @@ class Scheduler:
                 events.extend(done)
                 continue
             req.slot = free.pop(0)
-            work.append((req, PrefillJob(req.slot, req.prompt, req.sampling, seed, self._stops_before_min(req))))
+            first = req.matcher.mask() if req.matcher is not None else None
+            work.append((req, PrefillJob(req.slot, req.prompt, req.sampling, seed, self._stops_before_min(req), first)))
         if not work:
             return False
         outs = self.engine.prefill_next([job for _, job in work])
@@ -275,11 +296,18 @@ class Scheduler:
         lps: list[TokenLogprob] | None = [] if sp.logprobs else None
         text = ""
         finish = None
+        hit = False
         for step in range(out.tokens.shape[0]):
             token = int(out.tokens[step, column])
             if req.first_token_time is None:
                 req.first_token_time = time.perf_counter()
             if token in req.stop_ids:
+                finish = "stop"
+                break
+            if req.matcher is not None and not req.matcher.advance(token):
+                # Only when every allowed token was banned (min_tokens holding back the end).
+                log.warning("request %s: token %d is outside its grammar (%s); ending it", req.id, token,
+                            req.matcher.error)
                 finish = "stop"
                 break
             new.append(token)
@@ -292,12 +320,15 @@ class Scheduler:
             if hit:
                 finish = "stop"
                 break
+            if req.matcher is not None and req.matcher.finished:  # nothing can follow
+                finish = "stop"
+                break
             if len(req.output) >= sp.max_tokens or len(req.prompt) + len(req.output) >= self.engine.max_seq_len:
                 finish = "length"
                 break
         if finish is None:
             return [self._event(req, new, text, lps, None)]
-        if finish == "length":
+        if not hit:  # the text held back (an unfinished character, a stop string's prefix) is output
             text += stop_text.push(decoder.flush())[0] + stop_text.flush()
         events: list[Event] = []
         self._finish(req, finish, events, new, text, lps)

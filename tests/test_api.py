@@ -1,6 +1,8 @@
 """The Python API on the demo model: greedy output equals transformers', batching, streaming,
 stop conditions and argument validation."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -162,3 +164,36 @@ def test_generate_script_prints_an_answer(smol_checkpoint):
     assert "time to first token" in out.stderr and "tokens/s" in out.stderr
     bad = subprocess.run([sys.executable, str(script), "--top-p", "2", "hi"], capture_output=True, text=True)
     assert bad.returncode != 0 and "top_p" in bad.stderr
+
+
+@pytest.mark.slow
+def test_constrained_greedy_equals_the_masked_argmax_of_transformers(llm, smol_reference):
+    """Structured output on the real model: each greedy token is transformers' argmax over the
+    tokens llguidance allows there, and the answer is JSON that follows the schema."""
+    from llama_jax import StructuredOutput
+    from llama_jax.structured import GrammarCompiler
+
+    _, model = smol_reference
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"},
+                                               "capital": {"type": "boolean"}},
+              "required": ["city", "population", "capital"], "additionalProperties": False}
+    so = StructuredOutput(json=schema)
+    prompt = _chat_ids(llm, "Describe Paris as JSON with its city name, population and whether it is a capital.")
+    ours = llm.generate(prompt, SamplingParams.greedy(max_tokens=60, structured_output=so))
+    answer = json.loads(ours.text)
+    assert list(answer) == ["city", "population", "capital"] and ours.finish_reason == "stop"
+    assert isinstance(answer["population"], int) and isinstance(answer["capital"], bool)
+
+    matcher = GrammarCompiler(llm.tokenizer, llm.config.vocab_size).matcher(so)
+    ids, ref = list(prompt), []
+    while not matcher.finished and len(ref) < 60:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].numpy()
+        allowed = np.unpackbits(matcher.mask().view(np.uint8), bitorder="little")[: len(logits)].astype(bool)
+        token = int(np.where(allowed, logits, -np.inf).argmax())
+        if token in llm.tokenizer.stop_ids:
+            break
+        assert matcher.advance(token)
+        ids.append(token)
+        ref.append(token)
+    assert ours.token_ids == ref

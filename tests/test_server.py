@@ -12,10 +12,11 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import httpx
 import jax.numpy as jnp
@@ -121,6 +122,9 @@ class ScriptedEngine:
             take, left[:] = left[:steps], left[steps:]
             tokens[: len(take), slot] = take
         return self._output(tokens, want_logprobs)
+
+    def constrain(self, slots: list[int], masks: np.ndarray) -> None:
+        pass  # the script is what it is: a constrained request ends where it leaves the grammar
 
     def release(self, slot: int) -> None:
         self._left.pop(slot, None)
@@ -492,6 +496,104 @@ def test_stop_strings(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
     assert c.choices[0].text == "Hello world. STOP " and c.choices[0].finish_reason == "stop"
 
 
+def test_text_held_back_for_a_stop_string_is_output_when_the_turn_ends(scripted: openai.OpenAI,
+                                                                      scripted_llm: LLM) -> None:
+    with script(scripted_llm, "Hello ST"):
+        r = scripted.chat.completions.create(model=SCRIPTED, messages=USER, stop="STOP")
+        s = accumulate(scripted.chat.completions.create(model=SCRIPTED, messages=USER, stop="STOP", stream=True))
+    assert r.choices[0].message.content == s["content"] == "Hello ST"
+
+
+# ---- structured output (the tiny random model: whatever it picks, the output must match) ----
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 5}, "age": {"type": "integer", "minimum": 0, "maximum": 99},
+                   "pet": {"enum": ["cat", "dog"]}},
+    "required": ["name", "age", "pet"], "additionalProperties": False,
+}
+
+
+def assert_person(content: str) -> None:
+    person = json.loads(content)
+    assert list(person) == ["name", "age", "pet"] and len(person["name"]) <= 5
+    assert type(person["age"]) is int and 0 <= person["age"] <= 99 and person["pet"] in ("cat", "dog")
+
+
+def test_response_format_json_schema(client: openai.OpenAI) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+    kw = dict(model=MODEL, messages=USER, response_format=fmt, max_tokens=200, temperature=1.0, seed=4)
+    full = client.chat.completions.create(**kw)
+    streamed = accumulate(client.chat.completions.create(**kw, stream=True))
+    assert_person(full.choices[0].message.content)
+    assert full.choices[0].finish_reason == "stop"
+    assert streamed["content"] == full.choices[0].message.content and streamed["finish"] == "stop"
+    several = client.chat.completions.create(**{**kw, "n": 3, "temperature": 1.0})
+    for choice in several.choices:
+        assert_person(choice.message.content)
+
+
+def test_parse_into_a_pydantic_model(client: openai.OpenAI) -> None:
+    """The openai client's `parse`: it sends the model's strict JSON schema and validates the answer."""
+    import pydantic
+
+    class Pet(pydantic.BaseModel):
+        kind: Literal["cat", "dog", "fish"]
+        legs: int = pydantic.Field(ge=0, le=8)
+        vaccinated: bool
+
+    r = client.chat.completions.parse(model=MODEL, messages=USER, response_format=Pet, max_tokens=100,
+                                      temperature=1.0, seed=1)
+    pet = r.choices[0].message.parsed
+    assert isinstance(pet, Pet) and 0 <= pet.legs <= 8
+
+
+def test_json_mode_and_vllm_structured_outputs(client: openai.OpenAI) -> None:
+    obj = client.chat.completions.create(model=MODEL, messages=USER, response_format={"type": "json_object"},
+                                         max_tokens=8, temperature=0)
+    assert obj.choices[0].message.content.lstrip().startswith("{")
+    choice = client.completions.create(model=MODEL, prompt="Yes or no?", max_tokens=10, temperature=1.0, seed=2,
+                                       extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert choice.choices[0].text in ("yes", "no") and choice.choices[0].finish_reason == "stop"
+    regex = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=20, temperature=1.0, seed=3,
+                                           extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}})
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", regex.choices[0].message.content)
+    grammar = client.completions.create(model=MODEL, prompt="x", max_tokens=30, temperature=1.0, seed=5,
+                                        extra_body={"structured_outputs": {"grammar": 'start: "<" [/[ab]/+] ">"'}})
+    assert re.fullmatch("<[ab]*>", grammar.choices[0].text)
+
+
+@pytest.fixture(scope="module")
+def long_client(tiny_llm: LLM) -> Iterator[openai.OpenAI]:
+    """The tiny model with room for the Llama 3.1 tool prompt."""
+    llm = LLM(tiny_llm.config, tiny_llm.params, tiny_llm.tokenizer, max_slots=2, max_seq_len=512)
+    with live(create_app(llm, model_name=MODEL)) as u:
+        yield openai.OpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_tool_choice_required_and_named_force_valid_calls(long_client: openai.OpenAI) -> None:
+    client = long_client
+    weather = {**WEATHER, "function": {**WEATHER["function"], "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}
+    clock = {**TIME, "function": {**TIME["function"], "parameters": {
+        "type": "object", "properties": {"tz": {"type": "string", "maxLength": 4}}, "required": ["tz"],
+        "additionalProperties": False}}}
+    kw = dict(model=MODEL, messages=USER, tools=[weather, clock], max_tokens=150, temperature=1.0)
+    for seed in range(2):
+        r = client.chat.completions.create(**kw, tool_choice="required", seed=seed)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            args = json.loads(call.function.arguments)
+            assert (call.function.name, list(args)) in (("get_weather", ["city"]), ("get_time", ["tz"]))
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    streamed = accumulate(client.chat.completions.create(**kw, tool_choice=named, seed=7, stream=True))
+    (call,) = streamed["calls"]
+    assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] in ("Paris", "Rome")
+    single = client.chat.completions.create(**kw, tool_choice="required", parallel_tool_calls=False, seed=3)
+    assert len(single.choices[0].message.tool_calls) == 1
+
+
 def test_completions_default_max_tokens(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
     with script(scripted_llm, " word" * 40):
         legacy = scripted.completions.create(model=SCRIPTED, prompt="x")
@@ -586,7 +688,17 @@ def _chat(**kw: Any) -> dict[str, Any]:
     (_chat(min_tokens=3), "min_tokens"),
     (_chat(stop_token_ids=[-1]), "stop_token_ids[0]"),
     (_chat(functions=[{"name": "f"}]), "functions"),
-    (_chat(response_format={"type": "json_object"}), "response_format.type"),
+    (_chat(response_format={"type": "json"}), "response_format.type"),
+    (_chat(response_format={"type": "json_schema"}), "response_format"),
+    (_chat(response_format={"type": "json_schema", "json_schema": {"schema": {}}}), "response_format.json_schema.name"),
+    (_chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
+     "response_format"),
+    (_chat(structured_outputs={"regex": "a", "choice": ["b"]}), "structured_outputs"),
+    (_chat(structured_outputs={"regex": "(unclosed"}), "structured_outputs"),
+    (_chat(structured_outputs={"choice": []}), "structured_outputs.choice"),
+    (_chat(structured_outputs={"json": "{not json"}), "structured_outputs"),
+    (_chat(structured_outputs={"grammar": "start: undefined_rule"}), "structured_outputs"),
+    (_chat(response_format={"type": "json_object"}, structured_outputs={"regex": "a"}), "structured_outputs"),
     (_chat(messages=[]), "messages"),
     (_chat(messages=[{"role": "wizard", "content": "hi"}]), "messages[0]"),
     (_chat(messages=[{"role": "user"}]), "messages[0].content"),
@@ -752,7 +864,11 @@ PLAUSIBLE: dict[str, st.SearchStrategy] = {
     "top_logprobs": st.integers(-1, 25),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
-    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"}, {
+        "type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object", "properties": {
+            "a": {"type": "integer"}}}}}]),
+    "structured_outputs": st.sampled_from([{"regex": "[a-z]+"}, {"choice": ["yes", "no"]}, {"json_object": True},
+                                           {"grammar": "start: \"x\"+"}, {}]),
     "logit_bias": st.dictionaries(st.text(max_size=3), st.integers(-100, 100), max_size=2),
     "user": st.text(max_size=5),
 }

@@ -5,11 +5,14 @@ tool_choice:
 - "none": the tools are neither shown to the model nor parsed out of its output.
 - "auto" (the default with tools): tools are rendered by the chat format; calls in the output
   are parsed and returned as `tool_calls` with finish_reason "tool_calls".
-- "required": as auto, plus a system instruction to answer with a function call.
-- a named function: only that tool is rendered and parsed, plus a system instruction to call it.
-There is no constrained decoding: if the model answers in prose anyway, the answer comes back
-as content with finish_reason "stop" (or "length").
-parallel_tool_calls=false keeps only the first call the model makes.
+- "required": as auto, plus a system instruction to answer with a function call, and the output
+  constrained (structured.py) to a JSON list of calls `[{"name": ..., "parameters": {...}}]` of
+  the given tools, their parameters following each tool's schema (one call, not a list, with
+  parallel_tool_calls=false).
+- a named function: only that tool is rendered and parsed, plus a system instruction to call it,
+  and the output constrained to one such call of it.
+The tool constraint takes the place of response_format. parallel_tool_calls=false keeps only the
+first call the model makes.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .generation import (
     sse,
     sse_response,
 )
+from ..structured import StructuredOutput
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -84,6 +88,25 @@ def dialog(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[dict
     return messages, tools
 
 
+def tool_call_constraint(body: ChatCompletionRequest, tools: list[dict[str, Any]] | None) -> StructuredOutput | None:
+    """For tool_choice "required" or a named function: the output as JSON tool calls (see the
+    module docstring); None otherwise. Unknown schema keywords in the tools' parameters are
+    ignored rather than refused."""
+    if not tools or body.tool_choice in (None, "none", "auto"):
+        return None
+    calls = [{
+        "type": "object",
+        "properties": {"name": {"const": t["function"]["name"]},
+                       "parameters": t["function"].get("parameters") or {"type": "object"}},
+        "required": ["name", "parameters"],
+        "additionalProperties": False,
+    } for t in tools]
+    call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    parallel = body.tool_choice == "required" and body.parallel_tool_calls is not False
+    schema = {"type": "array", "items": call, "minItems": 1} if parallel else call
+    return StructuredOutput(json={**schema, "x-guidance": {"lenient": True}})
+
+
 def _with_instruction(messages: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
     if messages and messages[0]["role"] == "system":
         first = dict(messages[0], content=f"{messages[0]['content']}\n\n{instruction}".lstrip())
@@ -105,7 +128,8 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     except ValueError as e:
         raise bad_request(str(e), "messages") from None
     samplings = sampling_params(body, len(ids), ctx.max_seq_len, prompt_param="messages",
-                                logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0)
+                                logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
+                                structured_output=await ctx.constraint(body, tool_call_constraint(body, tools)))
     sub = ctx.submit([(ids, sp) for sp in samplings])
     parallel = body.parallel_tool_calls is not False
     rid, created = new_id("chatcmpl"), now()

@@ -91,11 +91,12 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
             raise bad_request(str(e), "prompt") from None
     want_lp = body.logprobs is not None
     top = body.logprobs or 0
+    constraint = await ctx.constraint(body)
     jobs = [
         (ids, sp)
         for ids in encoded
         for sp in sampling_params(body, len(ids), ctx.max_seq_len, prompt_param="prompt", logprobs=want_lp,
-                                  top_logprobs=top)
+                                  top_logprobs=top, structured_output=constraint)
     ]
     echo_texts = [p if isinstance(p, str) else ctx.tokenizer.decode(ids) for p, ids in zip(prompts, encoded)]
     echo_lps: list[list[TokenLogprob | None]] = [[None] * len(ids) for ids in encoded]

@@ -13,6 +13,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import StreamingResponse
 
 from ..sampling import SamplingParams
+from ..structured import StructuredOutput
 from ..scheduler import Event, QueueFull, TokenLogprob
 from ..tokenizer import Tokenizer
 from .errors import APIError, bad_request, error_body
@@ -67,13 +68,33 @@ class ServerContext:
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in jobs))
         return sub
 
+    async def constraint(self, body: ChatCompletionRequest | CompletionRequest,
+                         tool_calls: StructuredOutput | None = None) -> StructuredOutput | None:
+        """The request's structured-output constraint (`tool_calls`, the tool_choice's, in place of
+        the body's), its grammar compiled (off the event loop, and cached for the scheduler), or
+        a 400 naming the field if it does not compile."""
+        if tool_calls is not None:
+            constraint, field = tool_calls, "tools"
+        else:
+            try:
+                constraint, field = body.constraint()
+            except ValueError as e:
+                field = "structured_outputs" if body.structured_outputs else "response_format"
+                raise bad_request(str(e), field) from None
+        if constraint is not None:
+            try:
+                await asyncio.to_thread(self.worker.scheduler.grammars.matcher, constraint)
+            except ValueError as e:
+                raise bad_request(str(e), field) from None
+        return constraint
+
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
 def sampling_params(
     body: ChatCompletionRequest | CompletionRequest, prompt_len: int, max_seq_len: int, *, prompt_param: str,
-    logprobs: bool, top_logprobs: int,
+    logprobs: bool, top_logprobs: int, structured_output: StructuredOutput | None = None,
 ) -> list[SamplingParams]:
     """One SamplingParams per choice; choice i of a seeded request uses seed + i."""
     room = max_seq_len - prompt_len
@@ -108,6 +129,7 @@ def sampling_params(
             logit_bias={int(k): float(v) for k, v in (body.logit_bias or {}).items()},
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            structured_output=structured_output,
         )
     except ValueError as e:  # SamplingParams' messages start with the field's name
         field = str(e).split(" ", 1)[0]

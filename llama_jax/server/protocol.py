@@ -3,7 +3,7 @@
 Requests are strict at the border: every field OpenAI documents for the endpoint is accepted
 (see UNSUPPORTED below for the ones that are accepted only at a neutral value), a few vLLM-style
 sampling extensions are accepted (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
-stop_token_ids), and anything else is a 400 naming the field. Numbers, booleans and strings are
+stop_token_ids, structured_outputs), and anything else is a 400 naming the field. Numbers, booleans and strings are
 not coerced from other types.
 """
 
@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from ..sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
+from ..structured import StructuredOutput
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_N = 128  # OpenAI's limit on choices per request
@@ -178,8 +179,50 @@ class StreamOptions(_Input):
     include_obfuscation: StrictBool | None = None  # accepted; chunks are never padded
 
 
+class JSONSchemaFormat(_Input):
+    name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # `schema` is a BaseModel method
+    strict: StrictBool | None = None  # the output always follows the schema
+
+
 class ResponseFormat(_Input):
-    type: Literal["text"]  # json_object / json_schema would need constrained decoding
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only then")
+        return self
+
+    def constraint(self) -> StructuredOutput | None:
+        if self.type == "json_object" or (self.json_schema is not None and self.json_schema.schema_ is None):
+            return StructuredOutput(json_object=True)
+        if self.json_schema is not None:
+            return StructuredOutput(json=self.json_schema.schema_)
+        return None
+
+
+class StructuredOutputs(_Input):
+    """vLLM's `structured_outputs` extension: exactly one of the fields."""
+
+    json_: dict[str, Any] | Text | None = Field(None, alias="json")  # a JSON schema
+    json_object: StrictBool | None = None
+    regex: Text | None = None
+    choice: Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1)] | None = None
+    grammar: Text | None = None  # Lark or GBNF
+
+    @model_validator(mode="after")
+    def _one(self) -> "StructuredOutputs":
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if len(given) + bool(self.json_object) != 1:
+            raise ValueError("give exactly one of json, json_object, regex, choice, grammar")
+        return self
+
+    def constraint(self) -> StructuredOutput:
+        return StructuredOutput(json=self.json_, json_object=bool(self.json_object), regex=self.regex,
+                                choice=tuple(self.choice) if self.choice else None, grammar=self.grammar)
 
 
 # Fields OpenAI documents that this server accepts only when absent, null or empty; any other
@@ -210,6 +253,9 @@ class _SamplingFields(_Input):
     ignore_eos: StrictBool = False
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    # Constrained output: OpenAI's field (vLLM takes it on /v1/completions too), or vLLM's.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -251,9 +297,26 @@ class _SamplingFields(_Input):
             raise ValueError("stream_options is only allowed when stream is true")
         return value
 
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_constraint(cls, value: StructuredOutputs | None, info: ValidationInfo) -> StructuredOutputs | None:
+        fmt = info.data.get("response_format")
+        if value is not None and fmt is not None and fmt.type != "text":
+            raise ValueError("give response_format or structured_outputs, not both")
+        return value
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def constraint(self) -> tuple[StructuredOutput | None, str | None]:
+        """The structured-output constraint and the field it came from. Raises ValueError
+        (StructuredOutput's checks: a schema that is not an object, ...)."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.constraint(), "structured_outputs"
+        if self.response_format is not None:
+            return self.response_format.constraint(), "response_format"
+        return None, None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -266,7 +329,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None
     modalities: list[Literal["text"]] | None = None
     # Accepted and without effect here: storage, routing, latency and reasoning hints.
     store: StrictBool | None = None
