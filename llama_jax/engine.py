@@ -12,6 +12,8 @@
   attention reads instead, when that is not more, a ragged list of KV_BLOCK-slot blocks, each row
   only the blocks it has: one long conversation among short ones does not slow them all.
 - The cache and sampler state are donated to every step and updated in place.
+- Structured output: `constrain` sets the tokens a slot may sample next (the prefill takes the
+  first token's set with the job); the caller decodes such slots one step at a time.
 - On one CPU device, decode runs feature-major (`model.decode_feature_major`, on (out, in) copies
   of the weights), which XLA's CPU backend runs faster at a few rows; prefill uses the weights as
   stored.

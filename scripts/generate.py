@@ -6,6 +6,7 @@
     python scripts/generate.py --ckpt Meta-Llama-3.1-8B-Instruct/ --tools tools.json "Weather in Paris?"
     python scripts/generate.py --raw --ckpt ckpt/llama3.1-8b "The capital of France is"
     python scripts/generate.py --adapters adapters/mine "What is the capital of Zorbania?"
+    python scripts/generate.py --json-schema person.json "Describe a famous scientist."
 
 --ckpt takes a llama-jax checkpoint (python -m convert), or an HF directory, a Meta directory or
 a GGUF file, converted on first use and cached. Without --ckpt it uses SmolLM2-135M-Instruct,
@@ -27,6 +28,7 @@ from llama_jax.distributed import initialize_from_args  # noqa: E402
 from llama_jax.quantization import add_arguments as add_quantization_arguments  # noqa: E402
 from llama_jax.quantization import load_arguments  # noqa: E402
 from llama_jax.sampling import SamplingParams  # noqa: E402
+from llama_jax.structured import StructuredOutput  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--frequency-penalty", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    c = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    c.add_argument("--json-schema", type=Path, help="JSON file with a JSON schema the answer must follow")
+    c.add_argument("--json", action="store_true", help="the answer is a JSON object")
+    c.add_argument("--regex", help="a regular expression the whole answer matches")
+    c.add_argument("--choice", action="append", help="the answer is one of these strings (repeatable)")
+    c.add_argument("--grammar", type=Path, help="file with a Lark or GBNF grammar the answer follows")
     r = p.add_argument_group("runtime")
     r.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on GPU, float32 on CPU")
     r.add_argument("--max-seq-len", type=int, default=4096, help="context per sequence (prompt + output)")
@@ -68,11 +76,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty, seed=args.seed, stop=tuple(args.stop),
+            structured_output=_structured_output(p, args),
         )
     except ValueError as e:
         p.error(str(e))
     args.tool_list = _read_tools(p, args.tools) if args.tools else None
     return args
+
+
+def _structured_output(p: argparse.ArgumentParser, args: argparse.Namespace) -> StructuredOutput | None:
+    """The constraint the structured-output flags ask for (its grammar is checked once loaded)."""
+    for flag, path in (("--json-schema", args.json_schema), ("--grammar", args.grammar)):
+        if path is not None:
+            try:
+                text = path.read_text()
+            except OSError as e:
+                p.error(f"{flag} {path}: {e}")
+            return StructuredOutput(json=text) if flag == "--json-schema" else StructuredOutput(grammar=text)
+    if args.json:
+        return StructuredOutput(json_object=True)
+    if args.regex is not None:
+        return StructuredOutput(regex=args.regex)
+    if args.choice:
+        return StructuredOutput(choice=tuple(args.choice))
+    return None
 
 
 def _read_tools(p: argparse.ArgumentParser, path: Path) -> list[dict]:
@@ -153,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 1
+    if args.sampling.structured_output is not None:
+        try:
+            llm.scheduler.grammars.matcher(args.sampling.structured_output)
+        except ValueError as e:
+            print(f"generate.py: error: {e}", file=sys.stderr)
+            return 1
     if args.raw:
         llm.warmup(len(llm.encode_prompt(args.prompt)))
         complete_raw(llm, args.prompt, args.sampling)

@@ -55,13 +55,23 @@ def make_engine(config: LlamaConfig, params: Params, shardings: ModelShardings |
                   decode_steps=4, shardings=shardings)
 
 
+def allowed_mask(config: LlamaConfig) -> np.ndarray:
+    """A random half of the vocabulary, as Engine.constrain's bitmask words."""
+    keep = np.random.default_rng(2).random(config.vocab_size) < 0.5
+    return np.packbits(np.pad(keep, (0, -config.vocab_size % 32)), bitorder="little").view(np.int32)
+
+
 def greedy(engine: Engine, config: LlamaConfig) -> list[list[int]]:
-    """First tokens from prefill, then DECODES decode calls; tokens per busy slot."""
+    """First tokens from prefill, then DECODES decode calls, slots 0 and 2 constrained to
+    allowed_mask (structured output's path); tokens per busy slot."""
     out = [[int(engine.prefill(s, p, SamplingParams.greedy(), 0).tokens[0, 0])] for s, p in enumerate(prompts(config))]
+    engine.constrain([0, 2], np.stack([allowed_mask(config)] * 2))
     for _ in range(DECODES):
         step = engine.decode().tokens
         for s in range(len(out)):
             out[s] += step[:, s].tolist()
+    keep = np.unpackbits(allowed_mask(config).view(np.uint8), bitorder="little").astype(bool)
+    assert all(keep[t] for s in (0, 2) for t in out[s][1:]), "a constrained slot sampled a banned token"
     return out
 
 

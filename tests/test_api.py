@@ -166,6 +166,27 @@ def test_generate_script_prints_an_answer(smol_checkpoint):
     assert bad.returncode != 0 and "top_p" in bad.stderr
 
 
+def test_generate_script_follows_a_json_schema(smol_checkpoint, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "generate.py"
+    schema = tmp_path / "capital.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20}},
+                                  "required": ["capital"], "additionalProperties": False}))
+    base = [sys.executable, str(script), "--ckpt", str(smol_checkpoint), "--temperature", "0", "--max-tokens", "40"]
+    out = subprocess.run([*base, "--json-schema", str(schema), "What is the capital of France?"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert list(json.loads(out.stdout)) == ["capital"]
+    bad = subprocess.run([*base, "--regex", "(", "hi"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "invalid structured output" in bad.stderr
+    unreadable = subprocess.run([*base, "--json-schema", str(tmp_path / "missing.json"), "hi"],
+                                capture_output=True, text=True)
+    assert unreadable.returncode == 2 and "--json-schema" in unreadable.stderr
+
+
 @pytest.mark.slow
 def test_constrained_greedy_equals_the_masked_argmax_of_transformers(llm, smol_reference):
     """Structured output on the real model: each greedy token is transformers' argmax over the
