@@ -40,6 +40,7 @@ class Completion:
     logprobs: list[TokenLogprob] | None
     time_to_first_token: float
     duration: float
+    cached_tokens: int = 0  # prompt tokens found in the cache (prefix reuse), not prefilled again
 
     @property
     def completion_tokens(self) -> int:
@@ -279,6 +280,7 @@ def _completion(req: Request, events: list[Event], start: float) -> Completion:
     return Completion(
         text="".join(e.text for e in events), token_ids=list(req.output), finish_reason=last.finish_reason or "stop",
         prompt_tokens=len(req.prompt), logprobs=lps, time_to_first_token=ttft, duration=last.time - start,
+        cached_tokens=req.cached_tokens,
     )
 
 

@@ -14,6 +14,9 @@
 - The cache and sampler state are donated to every step and updated in place.
 - Structured output: `constrain` sets the tokens a slot may sample next (the prefill takes the
   first token's set with the job); the caller decodes such slots one step at a time.
+- Prefix reuse: the engine records, per slot, the tokens whose keys and values its cache rows
+  hold, and they outlive the request. A prompt that starts with them (the next turn of a chat)
+  can be prefilled into that slot from where they stop (`cached_prefix`, `PrefillJob.cached`).
 - On one CPU device, decode runs feature-major (`model.decode_feature_major`, on (out, in) copies
   of the weights), which XLA's CPU backend runs faster at a few rows; prefill uses the weights as
   stored.
@@ -59,6 +62,7 @@ class PrefillJob:
     seed: int
     stop_ids: tuple[int, ...] = ()  # not sampled before sampling.min_tokens tokens
     allowed: np.ndarray | None = None  # bitmask of the tokens the first may be (structured.Matcher.mask)
+    cached: int = 0  # prompt tokens already in the slot's cache (at most cached_prefix(slot, prompt))
 
 
 @dataclasses.dataclass
@@ -164,6 +168,11 @@ class Engine:
         self.slot_pos: list[int | None] = [None] * max_slots
         # Slots whose prompt is partly in the cache (prefill_next): tokens written so far.
         self.filling: dict[int, int] = {}
+        # Host record of each slot's cache rows: row s holds the keys and values of
+        # history[s, :history_len[s]] (prompt, then every token fed to decode), kept after release.
+        self._history = np.zeros((max_slots, self.max_seq_len), np.int32)
+        self._history_len = np.zeros((max_slots,), np.int64)
+        self._last = np.zeros((max_slots,), np.int32)  # each live slot's next decode input
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(12, 13), donate_argnums=(1, 2), **prefill_sh)
         self._decode = jax.jit(self._decode_fn, static_argnums=(7, 8, 9, 10), donate_argnums=(1, 2, 3, 4), **decode_sh)
         self._release = jax.jit(self._park_fn, donate_argnums=(0, 1), **release_sh)
@@ -244,6 +253,21 @@ class Engine:
             w *= 2
         return min(w, self.max_seq_len)
 
+    def cached_prefix(self, slot: int, prompt: Sequence[int]) -> int:
+        """How many leading tokens of `prompt` the cache rows of `slot` already hold, leaving at
+        least one to prefill (its logits give the first token)."""
+        n = min(int(self._history_len[slot]), len(prompt) - 1)
+        if n <= 0:
+            return 0
+        differ = np.flatnonzero(self._history[slot, :n] != np.asarray(prompt[:n], np.int32))
+        return int(differ[0]) if differ.size else n
+
+    def _record(self, slot: int, start: int, tokens: Sequence[int]) -> None:
+        """The cache rows of `slot` from position `start` on now hold `tokens` (past the end: dropped)."""
+        end = min(start + len(tokens), self.max_seq_len)
+        self._history[slot, start:end] = np.asarray(tokens[: end - start], np.int32)
+        self._history_len[slot] = end
+
     def prefill(self, slot: int, prompt: list[int], sampling: SamplingParams, seed: int) -> StepOutput:
         """Fill `slot` with `prompt` and sample its first token."""
         return self.prefill_many([PrefillJob(slot, prompt, sampling, seed)])
@@ -278,8 +302,10 @@ class Engine:
                 raise RuntimeError(f"slot {j.slot} is busy")
             if not 0 < len(j.prompt) < self.max_seq_len:
                 raise ValueError(f"prompt length {len(j.prompt)} must be in [1, {self.max_seq_len - 1}]")
+            if j.slot not in self.filling and not 0 <= j.cached <= self.cached_prefix(j.slot, j.prompt):
+                raise ValueError(f"slot {j.slot} does not hold the first {j.cached} tokens of the prompt")
         chunk = self.prefill_buckets[-1]
-        starts = [self.filling.get(j.slot, 0) for j in jobs]
+        starts = [self.filling.get(j.slot, j.cached) for j in jobs]
         final = [len(j.prompt) - s <= chunk for j, s in zip(jobs, starts)]
         groups: dict[int, list[int]] = {}  # length bucket -> job indices
         for i, j in enumerate(jobs):
@@ -300,6 +326,7 @@ class Engine:
             lengths = np.array([len(jobs[i].prompt) for i in done], np.int32)
             self.tokens = self.tokens.at[index].set(jnp.asarray(firsts))
             self.positions = self.positions.at[index].set(jnp.asarray(lengths))
+            self._last[[slots[i] for i in done]] = firsts
             for i in done:
                 self.filling.pop(slots[i], None)
                 self.slot_pos[slots[i]] = len(jobs[i].prompt)
@@ -321,6 +348,7 @@ class Engine:
         rows += [rows[0]] * (n - len(pieces))
         for r, (j, s) in enumerate(pieces):
             piece = j.prompt[s : s + bucket]
+            self._record(j.slot, s, piece)
             tokens[r, : len(piece)] = piece
             start[r], length[r], slots[r] = s, len(piece), j.slot
             seen[r, np.asarray(j.prompt)] = True
@@ -363,10 +391,13 @@ class Engine:
         steps = steps or self.decode_steps
         args = self._decode_args(steps, want_logprobs)
         self.cache, self.sampler, self.tokens, self.positions, outs = self._decode(*args)
+        out = _host_output(outs, (steps, args[-1]))
         for i, p in enumerate(self.slot_pos):
-            if p is not None:
+            if p is not None:  # fed this call: the last token, then all sampled but the newest
+                self._record(i, p, [int(self._last[i]), *out.tokens[:-1, i].tolist()])
+                self._last[i] = out.tokens[-1, i]
                 self.slot_pos[i] = p + steps
-        return _host_output(outs, (steps, args[-1]))
+        return out
 
     def lower_decode(self, want_logprobs: bool = False) -> jax.stages.Lowered:
         """The program the next `decode()` runs, lowered (for inspecting its HLO)."""
@@ -407,6 +438,7 @@ class Engine:
         self.cache, self.sampler, self.tokens, self.positions = self._new_state()
         self.slot_pos = [None] * self.max_slots
         self.filling.clear()
+        self._history_len[:] = 0
 
     def release(self, slot: int) -> None:
         self.slot_pos[slot] = None

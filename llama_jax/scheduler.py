@@ -59,6 +59,7 @@ class Event:
     prompt_tokens: int
     completion_tokens: int
     time: float
+    cached_tokens: int = 0  # prompt tokens found in the slot's cache (prefix reuse)
 
 
 @dataclasses.dataclass
@@ -76,6 +77,7 @@ class Request:
     first_token_time: float | None = None
     stop_ids: frozenset[int] = frozenset()  # tokens that end it: set at admission
     matcher: Matcher | None = None  # its place in sampling.structured_output's grammar
+    cached_tokens: int = 0  # prompt tokens found in its slot's cache, not prefilled again
 
 
 class _StopText:
@@ -109,16 +111,24 @@ class Scheduler:
     """`prefill_budget`: prompt tokens a step prefills (default: four of the engine's largest
     prefill buckets). A prompt gets one piece (at most the largest bucket) per step; prompts
     partly prefilled go first, then waiting requests while the budget lasts; the first piece of
-    a step always runs."""
+    a step always runs.
+
+    `prefix_reuse`: a request goes to the free slot whose cache holds the longest start of its
+    prompt (the conversation so far, for the next turn of a chat), if that is at least
+    MIN_PREFIX_REUSE tokens, and only the rest of its prompt is prefilled; otherwise to the
+    lowest free slot (decode computes the slots up to the highest live one)."""
+
+    MIN_PREFIX_REUSE = 32
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, *, max_queue: int = 256, seed: int = 0,
-                 prefill_budget: int | None = None):
+                 prefill_budget: int | None = None, prefix_reuse: bool = True):
         if prefill_budget is not None and prefill_budget < 1:
             raise ValueError(f"prefill_budget must be >= 1, got {prefill_budget}")
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.prefill_budget = prefill_budget or 4 * engine.prefill_buckets[-1]
+        self.prefix_reuse = prefix_reuse
         self.waiting: collections.deque[Request] = collections.deque()
         self.filling: dict[int, tuple[Request, PrefillJob]] = {}  # slot -> prompt partly prefilled
         self.running: dict[int, Request] = {}
@@ -262,9 +272,11 @@ class Scheduler:
                 self._dispatch(done)
                 events.extend(done)
                 continue
-            req.slot = free.pop(0)
+            req.slot, req.cached_tokens = self._pick_slot(free, req.prompt)
+            free.remove(req.slot)
             first = req.matcher.mask() if req.matcher is not None else None
-            work.append((req, PrefillJob(req.slot, req.prompt, req.sampling, seed, self._stops_before_min(req), first)))
+            work.append((req, PrefillJob(req.slot, req.prompt, req.sampling, seed, self._stops_before_min(req), first,
+                                         req.cached_tokens)))
         if not work:
             return False
         outs = self.engine.prefill_next([job for _, job in work])
@@ -278,6 +290,15 @@ class Scheduler:
             self._dispatch(first)
             events.extend(first)
         return not chunked and all(out is not None for out in outs)
+
+    def _pick_slot(self, free: list[int], prompt: list[int]) -> tuple[int, int]:
+        """(slot, prompt tokens already in its cache) for a new request; see the class docstring."""
+        if self.prefix_reuse:
+            cached = {slot: self.engine.cached_prefix(slot, prompt) for slot in free}
+            best = max(free, key=lambda slot: (cached[slot], -slot))
+            if cached[best] >= self.MIN_PREFIX_REUSE:
+                return best, cached[best]
+        return free[0], 0
 
     def _stops_before_min(self, req: Request) -> tuple[int, ...]:
         """The stop tokens the sampler bans until the request has `min_tokens` tokens."""
@@ -346,7 +367,8 @@ class Scheduler:
         events.append(self._event(req, new, text, lps, reason))
 
     def _event(self, req: Request, new: list[int], text: str, lps, reason: str | None) -> Event:
-        return Event(req.id, new, text, lps, reason, len(req.prompt), len(req.output), time.perf_counter())
+        return Event(req.id, new, text, lps, reason, len(req.prompt), len(req.output), time.perf_counter(),
+                     req.cached_tokens)
 
     def _forget_done(self) -> None:
         for rid in [rid for rid, r in self._by_id.items() if r.done]:

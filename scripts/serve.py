@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-budget", type=int,
                    help="prompt tokens prefilled between two decode dispatches (default: 4 x the largest bucket)")
     p.add_argument("--attention", choices=["xla", "pallas"], default="xla")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="prefill every prompt whole, even when a free slot's cache holds its start")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body (413 beyond)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the common shapes before serving")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     if args.prefill_budget is not None:
         llm.scheduler.prefill_budget = args.prefill_budget
+    llm.scheduler.prefix_reuse = not args.no_prefix_reuse
     if not args.no_warmup:
         print(f"warm-up (compiling) took {warm_up(llm):.1f}s", file=sys.stderr)
     app = create_app(llm, model_name=args.model_name, max_queue=args.max_queue,

@@ -218,3 +218,24 @@ def test_constrained_greedy_equals_the_masked_argmax_of_transformers(llm, smol_r
         ids.append(token)
         ref.append(token)
     assert ours.token_ids == ref
+
+
+def test_the_next_turn_of_a_chat_is_prefilled_from_where_the_last_stopped(llm, smol_checkpoint):
+    """The second turn reuses the first's cache rows (prompt and answer) and answers as a
+    fresh prefill of the whole conversation does."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    first = llm.chat(messages, temperature=0, max_tokens=30)
+    messages += [{"role": "assistant", "content": first.content},
+                 {"role": "user", "content": "And what is the capital of Italy?"}]
+    second = llm.chat(messages, temperature=0, max_tokens=30, logprobs=True)
+    previous = len(_chat_ids(llm, "What is the capital of France?")) + first.completion.completion_tokens
+    assert first.completion.cached_tokens == 0 and second.completion.cached_tokens >= previous - 2
+    llm.scheduler.prefix_reuse = False
+    try:
+        fresh = llm.chat(messages, temperature=0, max_tokens=30, logprobs=True)
+    finally:
+        llm.scheduler.prefix_reuse = True
+    assert fresh.completion.cached_tokens == 0
+    assert second.completion.token_ids == fresh.completion.token_ids and "Rome" in second.content
+    np.testing.assert_allclose([lp.logprob for lp in second.completion.logprobs],
+                               [lp.logprob for lp in fresh.completion.logprobs], atol=1e-3)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from llama_jax.config import LlamaConfig
-from llama_jax.engine import Engine
+from llama_jax.engine import Engine, PrefillJob
 from llama_jax.model import Llama
 from llama_jax.sampling import SamplingParams
 from llama_jax.scheduler import Request, Scheduler
@@ -126,3 +126,80 @@ def test_cancelling_a_prompt_half_prefilled_frees_its_slot(tiny):
     while not again.done:
         sched.step()
     assert again.output == _alone(tiny, _prompt(40, 5))
+
+
+def _logprobs(req):
+    return [lp.logprob for lp in req.logprobs]
+
+
+def test_a_follow_up_prompt_is_prefilled_after_what_its_slot_holds(tiny):
+    """The next turn of a conversation goes back to its slot (not the lowest free one) and only its
+    new tokens are prefilled; tokens and log-probabilities equal a fresh prefill of the whole."""
+    sched = _scheduler(tiny)
+    sp = SamplingParams.greedy(max_tokens=10, logprobs=True)
+    other, first = Request(_prompt(12, 20), sp), Request(_prompt(40, 21), sp)
+    events = {}
+    for r in (other, first):
+        r.on_event = lambda e, r=r: events.setdefault(r.id, []).append(e)
+    _run(sched, [other, first])
+    assert (other.slot, first.slot) == (None, None)
+    slot = 1  # `first` ran in slot 1, `other` in slot 0
+    follow = first.prompt + first.output + _prompt(20, 22)
+    second = Request(follow, sp)
+    second.on_event = lambda e: events.setdefault(second.id, []).append(e)
+    sched.add(second)
+    sched.step()
+    assert second.slot == slot and second.cached_tokens >= len(first.prompt) + len(first.output) - 1
+    while not second.done:
+        sched.step()
+    lps = [lp for e in events[second.id] for lp in e.logprobs or []]
+    fresh_sched = _scheduler(tiny)
+    fresh_sched.prefix_reuse = False
+    fresh_events = []
+    fresh = Request(follow, sp, on_event=fresh_events.append)
+    _run(fresh_sched, [fresh])
+    assert fresh.cached_tokens == 0
+    assert second.output == fresh.output
+    fresh_lps = [lp for e in fresh_events for lp in e.logprobs or []]
+    np.testing.assert_allclose([lp.logprob for lp in lps], [lp.logprob for lp in fresh_lps], atol=1e-4)
+
+
+def test_a_short_shared_prefix_takes_the_lowest_free_slot(tiny):
+    sched = _scheduler(tiny)
+    a, b = Request(_prompt(12, 30), GREEDY), Request(_prompt(40, 31), GREEDY)
+    _run(sched, [a, b])
+    short = Request(b.prompt[: Scheduler.MIN_PREFIX_REUSE - 1] + _prompt(8, 32), GREEDY)
+    sched.add(short)
+    sched.step()
+    assert short.slot == 0 and short.cached_tokens == 0
+    _run(sched, [])
+
+
+def test_the_engine_knows_every_token_its_cache_rows_hold(tiny):
+    """Prompt, then each token fed to decode, including those sampled past a request's end
+    inside one dispatch; a new prompt in the slot replaces what follows its reused start."""
+    config, params, _ = tiny
+    engine = Engine(config, params, max_slots=2, max_seq_len=64, decode_steps=4, prefill_buckets=(8, 16))
+    prompt = _prompt(10, 40)
+    first = int(engine.prefill(1, prompt, GREEDY, 0).tokens[0, 0])
+    out = engine.decode().tokens[:, 1].tolist()
+    engine.release(1)
+    held = prompt + [first] + out[:-1]
+    assert engine.cached_prefix(1, held + [7]) == len(held)
+    assert engine.cached_prefix(1, held) == len(held) - 1  # one token is always left to prefill
+    assert engine.cached_prefix(0, held + [7]) == 0
+    fork = prompt[:6] + [(prompt[6] + 1) % 512] + prompt[7:]
+    assert engine.cached_prefix(1, fork) == 6
+    engine.prefill_next([PrefillJob(1, fork, GREEDY, 0, cached=6)])
+    engine.release(1)
+    assert engine.cached_prefix(1, held + [7]) == 6 and engine.cached_prefix(1, fork + [1]) == len(fork)
+    with pytest.raises(ValueError, match="does not hold"):
+        engine.prefill_next([PrefillJob(1, held + [7], GREEDY, 0, cached=8)])
+
+
+def _run(sched, requests):
+    for r in requests:
+        sched.add(r)
+    while sched.has_work():
+        sched.step()
+    return requests

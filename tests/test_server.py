@@ -139,7 +139,7 @@ def scripted_llm(tiny_llm: LLM) -> LLM:
     llm = LLM(tiny_llm.config, tiny_llm.params, tok, max_slots=4, max_seq_len=64)
     llm.engine = ScriptedEngine(tiny_llm.config, max_slots=4, max_seq_len=2048, decode_steps=4,
                                 eot=tok.special_tokens["<|eot_id|>"])
-    llm.scheduler = Scheduler(llm.engine, tok)
+    llm.scheduler = Scheduler(llm.engine, tok, prefix_reuse=False)  # the script has no cache to reuse
     return llm
 
 
@@ -250,7 +250,10 @@ def test_chat_stream_equals_non_stream(client: openai.OpenAI, tiny_llm: LLM) -> 
     streamed = accumulate(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert streamed["role"] == "assistant"
     assert streamed["content"] == choice.message.content and streamed["finish"] == choice.finish_reason
-    assert streamed["usage"].model_dump() == full.usage.model_dump()
+    details = {"prompt_tokens_details"}
+    assert streamed["usage"].model_dump(exclude=details) == full.usage.model_dump(exclude=details)
+    # The same prompt again: its slot's cache holds it, all but the last token (whose logits start the answer).
+    assert streamed["usage"].prompt_tokens_details.cached_tokens == len(prompt_ids) - 1
 
 
 def test_sse_framing(url: str) -> None:
@@ -502,6 +505,19 @@ def test_text_held_back_for_a_stop_string_is_output_when_the_turn_ends(scripted:
         r = scripted.chat.completions.create(model=SCRIPTED, messages=USER, stop="STOP")
         s = accumulate(scripted.chat.completions.create(model=SCRIPTED, messages=USER, stop="STOP", stream=True))
     assert r.choices[0].message.content == s["content"] == "Hello ST"
+
+
+def test_usage_reports_the_prompt_tokens_a_follow_up_found_cached(client: openai.OpenAI) -> None:
+    system = {"role": "system", "content": "You answer in one short sentence, plainly, without lists. " * 3}
+    messages = [system, {"role": "user", "content": "Tell me about rivers."}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And lakes?"}]
+    second = accumulate(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                                       stream=True, stream_options={"include_usage": True}))
+    # At least the first turn's prompt (the answer's text may encode to other tokens than were sampled).
+    assert second["usage"].prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
 
 
 # ---- structured output (the tiny random model: whatever it picks, the output must match) ----
@@ -831,7 +847,8 @@ def test_demo_model_chat(demo: tuple[openai.OpenAI, LLM]) -> None:
     assert "Paris" in content and streamed["content"] == content
     assert full.usage.prompt_tokens == len(llm.chat_format.encode_dialog(messages))
     assert full.usage.completion_tokens == len(llm.tokenizer.encode(content))
-    assert streamed["usage"].model_dump() == full.usage.model_dump()
+    details = {"prompt_tokens_details"}
+    assert streamed["usage"].model_dump(exclude=details) == full.usage.model_dump(exclude=details)
 
 
 # ---- fuzzing the request schema ----

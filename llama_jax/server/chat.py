@@ -140,11 +140,13 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
         reasons = ["stop"] * n
         counts = [0] * n
+        cached = 0
         try:
             async for i, ev in events(sub, request):
                 texts[i] += ev.text
                 lps[i] += ev.logprobs or []
                 counts[i] = ev.completion_tokens
+                cached = ev.cached_tokens if i == 0 else cached
                 reasons[i] = ev.finish_reason or reasons[i]
         except ClientGone:
             return Response(status_code=499)
@@ -164,7 +166,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
             logprobs = ChoiceLogprobs(content=chat_logprobs(ctx, lps[i])) if body.logprobs else None
             choices.append(ChatChoice(index=i, message=message, logprobs=logprobs,
                                       finish_reason="tool_calls" if calls else reasons[i]))
-        usage = Usage(prompt_tokens=len(ids), completion_tokens=sum(counts), total_tokens=len(ids) + sum(counts))
+        usage = Usage.of(len(ids), sum(counts), cached)
         out = ChatCompletion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
         return Response(out.model_dump_json(), media_type="application/json")
 
@@ -176,6 +178,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         parsers = [StreamingToolParser(tools) if tools else None for _ in range(body.n)]
         saw_call = [False] * body.n
         counts = [0] * body.n
+        cached = 0
         for i in range(body.n):
             yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
         async for i, ev in events(sub, request):
@@ -194,13 +197,13 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
                 saw_call[i] = saw_call[i] or bool(d.get("tool_calls"))
                 yield chunk([ChunkChoice(index=i, delta=Delta.model_validate(d), logprobs=logprobs)])
                 logprobs = None
+            cached = ev.cached_tokens if i == 0 else cached
             if ev.finish_reason is not None:
                 counts[i] = ev.completion_tokens
                 reason = "tool_calls" if saw_call[i] else ev.finish_reason
                 yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=reason)])
         if body.include_usage:
-            total = sum(counts)
-            yield chunk([], Usage(prompt_tokens=len(ids), completion_tokens=total, total_tokens=len(ids) + total))
+            yield chunk([], Usage.of(len(ids), sum(counts), cached))
 
     return sse_response(stream(), sub, "chat")
 

@@ -123,7 +123,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     prompt_tokens = sum(len(ids) for ids in encoded)
 
     if not body.stream:
-        texts, lps, reasons, counts = [], [], ["stop"] * total, [0] * total
+        texts, lps, reasons, counts, cached = [], [], ["stop"] * total, [0] * total, [0] * total
         for i in range(total):
             t, lp = echo(i)
             texts.append(t)
@@ -134,6 +134,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
                 if want_lp:
                     lps[i] = _merge(lps[i], legacy[i].build(list(ev.logprobs or []), ev.token_ids))
                 counts[i] = ev.completion_tokens
+                cached[i] = ev.cached_tokens
                 reasons[i] = ev.finish_reason or reasons[i]
         except ClientGone:
             return Response(status_code=499)
@@ -141,8 +142,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
             sub.cancel()
         choices = [CompletionChoice(index=i, text=texts[i], logprobs=lps[i], finish_reason=reasons[i])
                    for i in range(total)]
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(counts),
-                      total_tokens=prompt_tokens + sum(counts))
+        usage = Usage.of(prompt_tokens, sum(counts), sum(cached[::n]))  # each prompt once: its first choice
         out = Completion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
         return Response(out.model_dump_json(), media_type="application/json")
 
@@ -151,21 +151,20 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
         return sse(c.model_dump_json(exclude=None if body.include_usage else {"usage"}))
 
     async def stream() -> AsyncIterator[str]:
-        counts = [0] * total
+        counts, cached = [0] * total, [0] * total
         if body.echo:
             for i in range(total):
                 text, lp = echo(i)
                 yield chunk([CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=None)])
         async for i, ev in events(sub, request):
             lp = legacy[i].build(list(ev.logprobs or []), ev.token_ids) if want_lp else None
+            cached[i] = ev.cached_tokens
             if ev.finish_reason is not None:
                 counts[i] = ev.completion_tokens
             elif not ev.text and not ev.token_ids:
                 continue
             yield chunk([CompletionChoice(index=i, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason)])
         if body.include_usage:
-            done = sum(counts)
-            yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=done,
-                                  total_tokens=prompt_tokens + done))
+            yield chunk([], Usage.of(prompt_tokens, sum(counts), sum(cached[::n])))
 
     return sse_response(stream(), sub, "completion")
