@@ -1,5 +1,3 @@
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -225,20 +223,20 @@ def test_every_parameter_carries_logical_axes():
         assert len(LOGICAL_AXES[name]) == var.value.ndim
 
 
-def _compile_seconds(n_layers: int) -> float:
+def _compiled_program(n_layers: int) -> str:
     config = LlamaConfig.from_preset("tiny").replace(n_layers=n_layers)
     abstract = jax.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), dtype=jnp.float32).params())
     cache = jax.eval_shape(lambda: KVCache.zeros(config, 1, 64, jnp.float32))
     tok = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     fn = jax.jit(lambda p, t, pos, c: forward(p, config, t, pos, c))
-    start = time.perf_counter()
-    fn.lower(abstract, tok, tok, cache).compile()
-    return time.perf_counter() - start
+    return fn.lower(abstract, tok, tok, cache).compile().as_text()
 
 
 def test_compile_time_does_not_grow_with_depth():
-    """Layers run under a scan: 32 layers compile about as fast as 4."""
-    _compile_seconds(2)  # warm up tracing machinery
-    shallow = min(_compile_seconds(4) for _ in range(2))
-    deep = min(_compile_seconds(32) for _ in range(2))
-    assert deep < 1.5 * shallow, (shallow, deep)
+    """Stacked layers run under a scan: the compiled program of 32 layers is the one of 4 (one
+    loop body), so compile time does not grow with depth. (Checked on the program, not by timing
+    it: a compile takes ~0.1 s here, within a busy machine's noise.)"""
+    shallow, deep = _compiled_program(4), _compiled_program(32)
+    assert "while" in deep
+    count = lambda text: len([line for line in text.splitlines() if " = " in line])  # noqa: E731
+    assert count(deep) == count(shallow), (count(shallow), count(deep))
