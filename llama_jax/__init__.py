@@ -13,8 +13,8 @@ from .structured import StructuredOutput
 
 _API = ("LLM", "ChatResponse", "Completion", "load")
 
-__all__ = ["ConfigError", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "SamplingParams", "StructuredOutput", "forward",
-           *_API]
+__all__ = ["ConfigError", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "SamplingParams", "StructuredOutput",
+           "forward", *_API]
 
 
 def __getattr__(name: str) -> Any:

@@ -110,7 +110,7 @@ class Matcher:
 
     @property
     def finished(self) -> bool:
-        """Nothing but an end token can follow: the output is complete."""
+        """The grammar admits no further token: the output is complete."""
         return self._m.is_stopped()
 
     @property

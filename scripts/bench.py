@@ -53,6 +53,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def write_result(path: Path, ckpt: str | None, dtype: str, **fields) -> None:
+    """The JSON of a run on the demo model (or `ckpt`): date, machine, jax, model, dtype, `fields`."""
+    import jax
+
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{cpu_name()}, {jax.device_count()} {jax.default_backend()} device(s), {platform.python_version()}",
+        "jax": jax.__version__, "model": str(ckpt or "demo: SmolLM2-135M-Instruct"), "dtype": dtype, **fields,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def best_seconds(run, repeats: int) -> float:
     """The shortest of `repeats` timed calls of `run` (which must wait for its own result)."""
     best = float("inf")

@@ -15,18 +15,13 @@ each compiles every program first; the table gives each turn's best time to firs
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 from pathlib import Path
-
-import jax
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench import cpu_name  # noqa: E402
+from scripts.bench import write_result  # noqa: E402
 
 SYSTEM = (
     "You are a patient tutor for a first-year university course in physics. Answer in plain words, "
@@ -100,18 +95,7 @@ def main() -> None:
         t = table[-1]
         print(f"{i:>4} {t['prompt_tokens']:>7} {t['cached_tokens']:>7} {t['ttft_off_ms']:>12.0f} "
               f"{t['ttft_on_ms']:>11.0f} {t['speedup']:>8.2f}x")
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{cpu_name()}, {jax.device_count()} {jax.default_backend()} device(s), {platform.python_version()}",
-        "jax": jax.__version__,
-        "model": str(args.ckpt or "demo: SmolLM2-135M-Instruct"),
-        "dtype": args.dtype,
-        "answer_tokens": args.answer_tokens,
-        "turns": table,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, args.ckpt, args.dtype, answer_tokens=args.answer_tokens, turns=table)
 
 
 if __name__ == "__main__":

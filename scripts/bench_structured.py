@@ -18,19 +18,14 @@ json run produced. Prints a table and writes JSON under benchmarks/.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import jax
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench import PROMPTS, cpu_name  # noqa: E402
+from scripts.bench import PROMPTS, write_result  # noqa: E402
 
 # Strings in a list that must hold more items than any run writes: the output never completes.
 SCHEMA = {"type": "array", "items": {"type": "string", "maxLength": 40}, "minItems": 1000}
@@ -104,20 +99,8 @@ def main() -> None:
         print(f"{b:>5} {plain_rate:>12.1f} {one_rate:>9.1f} {json_rate:>9.1f} {json_rate / plain_rate:>10.2f} "
               f"{grammar_ms:>18.3f}")
 
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{cpu_name()}, {jax.device_count()} {jax.default_backend()} device(s), {platform.python_version()}",
-        "jax": jax.__version__,
-        "model": str(args.ckpt or "demo: SmolLM2-135M-Instruct"),
-        "dtype": args.dtype,
-        "new_tokens": n,
-        "decode_steps": args.decode_steps,
-        "schema": SCHEMA,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, args.ckpt, args.dtype, new_tokens=n, decode_steps=args.decode_steps, schema=SCHEMA,
+                 rows=rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.config import LlamaConfig
 from llama_jax.engine import Engine
 from llama_jax.sampling import SamplerState, SamplingParams, constrain_rows, sample, unpack_mask
 from llama_jax.scheduler import Request, Scheduler

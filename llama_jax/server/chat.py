@@ -24,6 +24,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
 from ..scheduler import TokenLogprob
+from ..structured import StructuredOutput
 from .errors import bad_request
 from .generation import (
     ClientGone,
@@ -34,7 +35,6 @@ from .generation import (
     sse,
     sse_response,
 )
-from ..structured import StructuredOutput
 from .protocol import (
     AssistantMessage,
     ChatChoice,

@@ -13,8 +13,8 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import StreamingResponse
 
 from ..sampling import SamplingParams
-from ..structured import StructuredOutput
 from ..scheduler import Event, QueueFull, TokenLogprob
+from ..structured import StructuredOutput
 from ..tokenizer import Tokenizer
 from .errors import APIError, bad_request, error_body
 from .metrics import ServerMetrics

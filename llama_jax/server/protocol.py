@@ -3,8 +3,8 @@
 Requests are strict at the border: every field OpenAI documents for the endpoint is accepted
 (see UNSUPPORTED below for the ones that are accepted only at a neutral value), a few vLLM-style
 sampling extensions are accepted (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
-stop_token_ids, structured_outputs), and anything else is a 400 naming the field. Numbers, booleans and strings are
-not coerced from other types.
+stop_token_ids, structured_outputs), and anything else is a 400 naming the field. Numbers,
+booleans and strings are not coerced from other types.
 """
 
 from __future__ import annotations
