@@ -196,7 +196,7 @@ class LLM:
         **overrides: Any,
     ) -> Iterator[dict]:
         """Yield OpenAI-style deltas ({"content": …} or {"tool_calls": […]}), then
-        {"finish_reason": …, "usage": {"prompt_tokens": …, "completion_tokens": …}}."""
+        {"finish_reason": …, "usage": {"prompt_tokens": …, "completion_tokens": …, "cached_tokens": …}}."""
         from .tool_calls import StreamingToolParser
 
         sampling = _sampling(sampling, overrides)
@@ -214,7 +214,8 @@ class LLM:
             if event.finish_reason is not None:
                 yield {
                     "finish_reason": "tool_calls" if saw_call else event.finish_reason,
-                    "usage": {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens},
+                    "usage": {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+                              "cached_tokens": event.cached_tokens},
                 }
 
     def warmup(self, prompt_tokens: int = 64, progress: bool = True) -> None:

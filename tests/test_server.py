@@ -507,7 +507,7 @@ def test_text_held_back_for_a_stop_string_is_output_when_the_turn_ends(scripted:
     assert r.choices[0].message.content == s["content"] == "Hello ST"
 
 
-def test_usage_reports_the_prompt_tokens_a_follow_up_found_cached(client: openai.OpenAI) -> None:
+def test_usage_reports_the_prompt_tokens_a_follow_up_found_cached(client: openai.OpenAI, url: str) -> None:
     system = {"role": "system", "content": "You answer in one short sentence, plainly, without lists. " * 3}
     messages = [system, {"role": "user", "content": "Tell me about rivers."}]
     first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
@@ -517,7 +517,10 @@ def test_usage_reports_the_prompt_tokens_a_follow_up_found_cached(client: openai
     second = accumulate(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
                                                        stream=True, stream_options={"include_usage": True}))
     # At least the first turn's prompt (the answer's text may encode to other tokens than were sampled).
-    assert second["usage"].prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    cached = second["usage"].prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens - 1
+    metric = re.search(r"^llama_jax_cached_prompt_tokens_total ([0-9.e+]+)$", httpx.get(f"{url}/metrics").text, re.M)
+    assert metric and float(metric[1]) >= cached
 
 
 # ---- structured output (the tiny random model: whatever it picks, the output must match) ----
@@ -814,6 +817,7 @@ def test_metrics(url: str) -> None:
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": TEXT, "max_tokens": 1, "temperature": 0},
                    timeout=60)
     assert r.status_code == 200
+    assert httpx.post(f"{url}/v1/completions", json={"model": MODEL}, timeout=60).status_code == 400
     text = httpx.get(f"{url}/metrics").text
     for name in ("llama_jax_prompt_tokens_total", "llama_jax_generation_tokens_total", "llama_jax_queue_depth",
                  "llama_jax_batch_occupancy", "llama_jax_time_to_first_token_seconds_bucket",

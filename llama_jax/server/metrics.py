@@ -19,6 +19,9 @@ class ServerMetrics:
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter(f"{prefix}_prompt_tokens",
                                      "Prompt tokens queued (a request with n choices counts n times)", registry=r)
+        self.cached_prompt_tokens = Counter(f"{prefix}_cached_prompt_tokens",
+                                            "Prompt tokens found in a slot's cache (prefix reuse), not prefilled",
+                                            registry=r)
         self.generation_tokens = Counter(f"{prefix}_generation_tokens", "Generated tokens", registry=r)
         self.finished = Counter(f"{prefix}_finished_requests", "Generation requests by finish reason",
                                 ["reason"], registry=r)
@@ -43,6 +46,7 @@ class ServerMetrics:
             self.generation_tokens.inc(n)
             last = self._last.get(req.id)
             if last is None:
+                self.cached_prompt_tokens.inc(event.cached_tokens)
                 self.ttft.observe((req.first_token_time or event.time) - req.arrival)
                 n -= 1  # the first token's latency is the TTFT
                 last = req.first_token_time or event.time
