@@ -28,7 +28,7 @@ CELL_TIMEOUT = 600
 
 # Text that must appear in a notebook's outputs (cheap checks beyond "no cell raised").
 EXPECTED_OUTPUT: dict[str, list[str]] = {
-    "01_quickstart": ["finish_reason", "max |logits difference| vs transformers", "wrote "],
+    "01_quickstart": ["finish_reason", "max |logits difference| vs transformers", "wrote ", " cached, first token"],
     "02_tool_calling": ["<|python_tag|>brave_search.call", "final answer:", "models: ['smollm2-demo']"],
     "03_inside_the_model": ["max relative difference", "the model's next token", "KiB/token"],
     "04_kernels": ["max |kernel - reference|", "xla vs pallas"],
