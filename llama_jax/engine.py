@@ -253,6 +253,10 @@ class Engine:
             w *= 2
         return min(w, self.max_seq_len)
 
+    def held_tokens(self, slot: int) -> int:
+        """How many tokens' keys and values the cache rows of `slot` hold (see cached_prefix)."""
+        return int(self._history_len[slot])
+
     def cached_prefix(self, slot: int, prompt: Sequence[int]) -> int:
         """How many leading tokens of `prompt` the cache rows of `slot` already hold, leaving at
         least one to prefill (its logits give the first token)."""

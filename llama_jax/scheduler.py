@@ -115,8 +115,11 @@ class Scheduler:
 
     `prefix_reuse`: a request goes to the free slot whose cache holds the longest start of its
     prompt (the conversation so far, for the next turn of a chat), if that is at least
-    MIN_PREFIX_REUSE tokens, and only the rest of its prompt is prefilled; otherwise to the
-    lowest free slot (decode computes the slots up to the highest live one)."""
+    MIN_PREFIX_REUSE tokens, and only the rest of its prompt is prefilled. Otherwise it goes
+    where it destroys the least: among the free slots that decode computes anyway (below the
+    power of two above the highest busy slot; slot 0 when none is busy), else among all free
+    slots, an empty one, else the one released longest ago; lowest first on ties. Without
+    prefix reuse: the lowest free slot (decode computes the slots up to the highest live one)."""
 
     MIN_PREFIX_REUSE = 32
 
@@ -133,6 +136,8 @@ class Scheduler:
         self.filling: dict[int, tuple[Request, PrefillJob]] = {}  # slot -> prompt partly prefilled
         self.running: dict[int, Request] = {}
         self._skipped_decode = False
+        self._released: dict[int, int] = {}  # slot -> when its last request ended (a counter)
+        self._ticks = itertools.count()
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._rng = np.random.default_rng(seed)
@@ -293,12 +298,16 @@ class Scheduler:
 
     def _pick_slot(self, free: list[int], prompt: list[int]) -> tuple[int, int]:
         """(slot, prompt tokens already in its cache) for a new request; see the class docstring."""
-        if self.prefix_reuse:
-            cached = {slot: self.engine.cached_prefix(slot, prompt) for slot in free}
-            best = max(free, key=lambda slot: (cached[slot], -slot))
-            if cached[best] >= self.MIN_PREFIX_REUSE:
-                return best, cached[best]
-        return free[0], 0
+        if not self.prefix_reuse:
+            return free[0], 0
+        cached = {slot: self.engine.cached_prefix(slot, prompt) for slot in free}
+        best = max(free, key=lambda slot: (cached[slot], -slot))
+        if cached[best] >= self.MIN_PREFIX_REUSE:
+            return best, cached[best]
+        busy = [s for s in range(self.engine.max_slots) if s not in free]
+        computed = 1 << max(busy).bit_length() if busy else 1
+        candidates = [s for s in free if s < computed] or free
+        return min(candidates, key=lambda s: (self.engine.held_tokens(s) > 0, self._released.get(s, -1), s)), 0
 
     def _stops_before_min(self, req: Request) -> tuple[int, ...]:
         """The stop tokens the sampler bans until the request has `min_tokens` tokens."""
@@ -363,6 +372,7 @@ class Scheduler:
             self.running.pop(req.slot, None)
             self.filling.pop(req.slot, None)
             self.engine.release(req.slot)
+            self._released[req.slot] = next(self._ticks)
             req.slot = None
         events.append(self._event(req, new, text, lps, reason))
 

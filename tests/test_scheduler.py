@@ -175,6 +175,23 @@ def test_a_short_shared_prefix_takes_the_lowest_free_slot(tiny):
     _run(sched, [])
 
 
+def test_a_new_conversation_does_not_evict_an_idle_one(tiny):
+    """While A's next turn runs in slot 0, a new request takes an empty slot rather than slot 1,
+    whose cache holds B's conversation; B's next turn then finds it."""
+    sched = _scheduler(tiny)
+    a, b = Request(_prompt(40, 50), GREEDY), Request(_prompt(40, 51), GREEDY)
+    _run(sched, [a, b])
+    a2 = sched.add(Request(a.prompt + a.output + _prompt(5, 52), GREEDY))
+    sched.step()
+    c = sched.add(Request(_prompt(40, 53), GREEDY))
+    sched.step()
+    assert (a2.slot, a2.cached_tokens > 0, c.slot, c.cached_tokens) == (0, True, 2, 0)
+    b2 = sched.add(Request(b.prompt + b.output + _prompt(5, 54), GREEDY))
+    sched.step()
+    assert b2.slot == 1 and b2.cached_tokens >= len(b.prompt) + len(b.output) - 1
+    _run(sched, [])
+
+
 def test_the_engine_knows_every_token_its_cache_rows_hold(tiny):
     """Prompt, then each token fed to decode, including those sampled past a request's end
     inside one dispatch; a new prompt in the slot replaces what follows its reused start."""
