@@ -14,6 +14,13 @@ Then, with the official client:
 --ckpt takes a llama-jax checkpoint, an HF directory, a Meta directory or a GGUF file (converted
 on first use and cached); without it, SmolLM2-135M-Instruct. Endpoints: /v1/chat/completions,
 /v1/completions, /v1/models, /health, /metrics (Prometheus).
+
+Several hosts (e.g. 405B in bf16 on two 8-GPU nodes): run it on every host with the same
+--coordinator and --num-processes and its own --process-id, on a converted checkpoint on a
+shared filesystem. Process 0 serves HTTP; the others repeat its device calls (llama_jax/lockstep.py).
+
+    python scripts/serve.py --ckpt /shared/405b --coordinator node0:1234 --num-processes 2 --process-id 0
+    python scripts/serve.py --ckpt /shared/405b --coordinator node0:1234 --num-processes 2 --process-id 1
 """
 
 from __future__ import annotations
@@ -50,15 +57,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapters", help="LoRA adapter directory (scripts/finetune.py --out)")
     p.add_argument("--no-merge-adapters", dest="merge_adapters", action="store_false",
                    help="apply the adapters on the fly instead of merging them into the weights")
+    from llama_jax.distributed import add_arguments as add_distributed_arguments
     from llama_jax.quantization import add_arguments
 
     add_arguments(p)
+    group = add_distributed_arguments(p)
+    group.add_argument("--lockstep-port", type=int, default=0,
+                       help="port process 0 sends the device calls from (default: any free port)")
     args = p.parse_args(argv)
     for name in ("max_slots", "max_seq_len", "max_queue", "decode_steps", "prefill_budget"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.port < 65536:
         p.error("--port must be in 1..65535")
+    if not 0 <= args.lockstep_port < 65536:
+        p.error("--lockstep-port must be in 0..65535")
     return args
 
 
@@ -85,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     import llama_jax.api
+    from llama_jax import lockstep
+    from llama_jax.distributed import initialize_from_args
     from llama_jax.quantization import load_arguments
     from llama_jax.server import create_app
 
@@ -92,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("llama_jax").setLevel(args.log_level.upper())
     try:
+        multi_host = initialize_from_args(args)  # before anything starts the JAX backend
         llm = llama_jax.api.load(
             args.ckpt, dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
             decode_steps=args.decode_steps, attention_impl=args.attention, mesh=args.mesh,
@@ -102,12 +118,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.prefill_budget is not None:
         llm.scheduler.prefill_budget = args.prefill_budget
     llm.scheduler.prefix_reuse = not args.no_prefix_reuse
-    if not args.no_warmup:
-        print(f"warm-up (compiling) took {warm_up(llm):.1f}s", file=sys.stderr)
-    app = create_app(llm, model_name=args.model_name, max_queue=args.max_queue,
-                     max_body_bytes=int(args.max_body_mb * (1 << 20)))
-    print(f"serving {app.state.ctx.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    leader = None
+    if multi_host:
+        import jax
+
+        if jax.process_index() != 0:
+            print(f"process {jax.process_index()}: following process 0", file=sys.stderr)
+            lockstep.follow(llm)
+            return
+        leader = lockstep.lead(llm, port=args.lockstep_port)
+        llm = leader.llm
+    try:
+        if not args.no_warmup:
+            print(f"warm-up (compiling) took {warm_up(llm):.1f}s", file=sys.stderr)
+        app = create_app(llm, model_name=args.model_name, max_queue=args.max_queue,
+                         max_body_bytes=int(args.max_body_mb * (1 << 20)))
+        print(f"serving {app.state.ctx.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        if leader is not None:
+            leader.close()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from llama_jax.engine import Engine  # noqa: E402
 from llama_jax.model import KVCache, Llama, Params, forward  # noqa: E402
 from llama_jax.sampling import SamplingParams  # noqa: E402
 from llama_jax.sharding import ModelShardings, make_mesh  # noqa: E402
+from llama_jax.tokenizer import llama3_tokenizer  # noqa: E402
 
 MESHES = ("tp=1", "tp=2", "tp=4", "tp=8", "dp=2,tp=4", "dp=4,tp=2")
 HLO_MESHES = ("tp=8", "dp=2,tp=4")  # decode steps whose compiled HLO is inspected
@@ -191,21 +193,61 @@ def restore(directory: str) -> dict[str, Any]:
 MULTIHOST_PRESET = "tiny"  # 2 KV heads: at tp=8 the KV heads are split across the two processes
 
 
+def completion_requests(config: LlamaConfig) -> list[dict[str, Any]]:
+    """/v1/completions bodies that go through the scheduler, the engine thread and echo's prompt
+    logits: two prompts greedy with echo and logprobs, then two seeded samples of one prompt."""
+    ids = prompts(config)
+    return [dict(model="m", prompt=ids[:2], max_tokens=6, temperature=0, echo=True, logprobs=1),
+            dict(model="m", prompt=ids[2], max_tokens=6, temperature=1.0, n=2, seed=7)]
+
+
+def completions(post: Any, config: LlamaConfig) -> list[dict[str, Any]]:
+    """Text and token log-probabilities of each choice of `completion_requests`, sent with `post`
+    (an HTTP client's post)."""
+    out = []
+    for body in completion_requests(config):
+        r = post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        out += [{"text": c["text"], "logprobs": (c["logprobs"] or {}).get("token_logprobs")}
+                for c in r.json()["choices"]]
+    return out
+
+
+def serve(llm: Any) -> list[dict[str, Any]]:
+    from fastapi.testclient import TestClient
+
+    from llama_jax.server import create_app
+
+    with TestClient(create_app(llm, model_name="m")) as client:
+        return completions(client.post, llm.config)
+
+
+def serving_llm(config: LlamaConfig, params: Params, shardings: ModelShardings) -> Any:
+    from llama_jax.api import LLM
+
+    return LLM(config, params, llama3_tokenizer(), max_slots=MAX_SLOTS, max_seq_len=MAX_SEQ, decode_steps=4,
+               shardings=shardings)
+
+
 def multihost_reference(directory: str) -> dict[str, Any]:
-    """One process, 8 devices: write the checkpoint both runs load, and the greedy tokens."""
+    """One process, 8 devices: write the checkpoint both runs load, the greedy tokens, and the
+    served completions (tp=8)."""
     config = LlamaConfig.from_preset(MULTIHOST_PRESET)
     write_checkpoint(Path(directory) / "ckpt", config, random_params(config), "float32")
-    out = {}
+    shutil.copy(llama3_tokenizer().path, Path(directory) / "ckpt" / "tokenizer.model")  # for scripts/serve.py
+    out: dict[str, Any] = {}
     for spec in MULTIHOST_MESHES:
         sh = ModelShardings(config, make_mesh(spec))
         params = checkpoint.restore_params(Path(directory) / "ckpt", shardings=sh.params, progress=False)
         out[spec] = greedy(make_engine(config, params, sh), config)
+        if spec == "tp=8":
+            out["served"] = serve(serving_llm(config, params, sh))
     return out
 
 
 def multihost_worker(directory: str, coordinator: str, process_id: str) -> dict[str, Any]:
     """One of two processes with 4 devices each: the same load and generation over all 8."""
-    from llama_jax import distributed
+    from llama_jax import distributed, lockstep
 
     assert distributed.initialize(coordinator, 2, int(process_id))
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
@@ -218,6 +260,15 @@ def multihost_worker(directory: str, coordinator: str, process_id: str) -> dict[
         for arr in jax.tree.leaves(params):  # this process holds only its own devices' shards
             assert len(arr.addressable_shards) == 4
         out[spec] = greedy(make_engine(config, params, sh), config)
+        if spec == "tp=8":  # the HTTP server on process 0, process 1 following its device calls
+            llm = serving_llm(config, params, sh)
+            if jax.process_index() == 0:
+                leader = lockstep.lead(llm)
+                out["served"] = serve(leader.llm)
+                leader.close()
+                out["calls"] = leader.calls
+            else:
+                out["calls"] = lockstep.follow(llm)
     return out
 
 
