@@ -16,7 +16,8 @@
   first token's set with the job); the caller decodes such slots one step at a time.
 - Prefix reuse: the engine records, per slot, the tokens whose keys and values its cache rows
   hold, and they outlive the request. A prompt that starts with them (the next turn of a chat)
-  can be prefilled into that slot from where they stop (`cached_prefix`, `PrefillJob.cached`).
+  can be prefilled into that slot from where they stop (`cached_prefix`, `PrefillJob.cached`);
+  `copy_prefix` gives a free slot the start of another's (a system prompt a running request has).
 - On one CPU device, decode runs feature-major (`model.decode_feature_major`, on (out, in) copies
   of the weights), which XLA's CPU backend runs faster at a few rows; prefill uses the weights as
   stored.
@@ -125,6 +126,7 @@ class Engine:
         decode_sh: dict[str, Any] = {}
         release_sh: dict[str, Any] = {}
         constrain_sh: dict[str, Any] = {}
+        copy_sh: dict[str, Any] = {}
         if shardings is None:
             # Committed to the device like every step's outputs: the first call then compiles the
             # same program as all later ones (an uncommitted argument is a different program).
@@ -151,7 +153,10 @@ class Engine:
             decode_sh = dict(in_shardings=(shardings.params,) + state_sh + (rep, rep), out_shardings=state_sh + (rep,))
             release_sh = dict(in_shardings=(rows, sampler_sh, rep), out_shardings=(rows, sampler_sh))
             constrain_sh = dict(in_shardings=(sampler_sh, rep, rep), out_shardings=sampler_sh)
+            copy_sh = dict(in_shardings=(cache_sh, rep, rep, rep), out_shardings=cache_sh)
         self._all_rows = shardings is not None and shardings.dp > 1  # see decode_rows
+        # Copying cache rows between slots indexes the slot axis: not with slots split over devices.
+        self.can_copy_prefix = not self._all_rows
         # Block decode attention gathers blocks across rows: not with slots split over devices.
         # The Pallas decode kernel reads each row's own length anyway.
         self._blocks_ok = attention_impl == "xla" and not self._all_rows and self.max_seq_len % KV_BLOCK == 0
@@ -177,6 +182,7 @@ class Engine:
         self._decode = jax.jit(self._decode_fn, static_argnums=(7, 8, 9, 10), donate_argnums=(1, 2, 3, 4), **decode_sh)
         self._release = jax.jit(self._park_fn, donate_argnums=(0, 1), **release_sh)
         self._constrain = jax.jit(constrain_rows, donate_argnums=(0,), **constrain_sh)
+        self._copy = jax.jit(_copy_rows, static_argnums=(4,), donate_argnums=(0,), **copy_sh)
 
     # ---- jitted bodies ----
     # Static arguments are positional: jit takes no keyword arguments once in_shardings are given.
@@ -265,6 +271,20 @@ class Engine:
             return 0
         differ = np.flatnonzero(self._history[slot, :n] != np.asarray(prompt[:n], np.int32))
         return int(differ[0]) if differ.size else n
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Make the cache rows of the free slot `dst` start with the first `n` tokens that those of
+        `src` hold (`src` may be live or filling): a prompt sharing them then prefills from `n`.
+        Costs a pass over both slots' rows, far less than prefilling `n` tokens."""
+        if not self.can_copy_prefix:
+            raise ValueError("cache rows cannot be copied between slots split over devices (dp > 1)")
+        if dst not in self.free_slots() or src == dst:
+            raise ValueError(f"copy_prefix needs a free destination slot other than the source, got {src} -> {dst}")
+        if not 0 < n <= self._history_len[src]:
+            raise ValueError(f"slot {src} holds {self._history_len[src]} tokens; cannot copy {n}")
+        self.cache = self._copy(self.cache, jnp.int32(src), jnp.int32(dst), jnp.int32(n), self.kv_window_for(n))
+        self._history[dst, :n] = self._history[src, :n]
+        self._history_len[dst] = n
 
     def _record(self, slot: int, start: int, tokens: Sequence[int]) -> None:
         """The cache rows of `slot` from position `start` on now hold `tokens` (past the end: dropped)."""
@@ -448,6 +468,21 @@ class Engine:
         self.slot_pos[slot] = None
         self.filling.pop(slot, None)
         self.positions, self.sampler = self._release(self.positions, self.sampler, jnp.int32(slot))
+
+
+def _copy_rows(cache: KVCache, src: jax.Array, dst: jax.Array, n: jax.Array, width: int) -> KVCache:
+    """Positions [0, n) of slot `src` written over those of slot `dst`, in every layer (and the
+    scales of an int8 cache: every leaf is (layers, slots, positions, ...)). `width` (static,
+    at least n) bounds the positions read and written."""
+
+    def copy(a: jax.Array) -> jax.Array:
+        size = (a.shape[0], 1, width, *a.shape[3:])
+        at_src, at_dst = ((0, slot) + (0,) * (a.ndim - 2) for slot in (src, dst))
+        keep = (jnp.arange(width) < n).reshape((1, 1, -1) + (1,) * (a.ndim - 3))
+        rows = jnp.where(keep, jax.lax.dynamic_slice(a, at_src, size), jax.lax.dynamic_slice(a, at_dst, size))
+        return jax.lax.dynamic_update_slice(a, rows, at_dst)
+
+    return jax.tree.map(copy, cache)
 
 
 def _host_output(out: tuple, shape: tuple[int, int]) -> StepOutput:

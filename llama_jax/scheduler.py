@@ -118,8 +118,11 @@ class Scheduler:
     MIN_PREFIX_REUSE tokens, and only the rest of its prompt is prefilled. Otherwise it goes
     where it destroys the least: among the free slots that decode computes anyway (below the
     power of two above the highest busy slot; slot 0 when none is busy), else among all free
-    slots, an empty one, else the one released longest ago; lowest first on ties. Without
-    prefix reuse: the lowest free slot (decode computes the slots up to the highest live one)."""
+    slots, an empty one, else the one released longest ago; lowest first on ties. There, if a
+    busy slot holds at least MIN_PREFIX_REUSE more of its prompt than the best free slot (a
+    system prompt a running request shares), those rows are copied in first and skipped
+    (Engine.copy_prefix; not with slots split over dp). Without prefix reuse: the lowest free
+    slot (decode computes the slots up to the highest live one)."""
 
     MIN_PREFIX_REUSE = 32
 
@@ -277,7 +280,9 @@ class Scheduler:
                 self._dispatch(done)
                 events.extend(done)
                 continue
-            req.slot, req.cached_tokens = self._pick_slot(free, req.prompt)
+            req.slot, req.cached_tokens, source = self._pick_slot(free, req.prompt)
+            if source is not None:  # before this call's prefill overwrites the source's rows
+                self.engine.copy_prefix(source, req.slot, req.cached_tokens)
             free.remove(req.slot)
             first = req.matcher.mask() if req.matcher is not None else None
             work.append((req, PrefillJob(req.slot, req.prompt, req.sampling, seed, self._stops_before_min(req), first,
@@ -296,18 +301,30 @@ class Scheduler:
             events.extend(first)
         return not chunked and all(out is not None for out in outs)
 
-    def _pick_slot(self, free: list[int], prompt: list[int]) -> tuple[int, int]:
-        """(slot, prompt tokens already in its cache) for a new request; see the class docstring."""
+    def _pick_slot(self, free: list[int], prompt: list[int]) -> tuple[int, int, int | None]:
+        """(slot, prompt tokens its cache will hold, the busy slot to copy them from or None) for a
+        new request; see the class docstring."""
         if not self.prefix_reuse:
-            return free[0], 0
-        cached = {slot: self.engine.cached_prefix(slot, prompt) for slot in free}
+            return free[0], 0, None
+        engine, least = self.engine, self.MIN_PREFIX_REUSE
+        cached = {slot: engine.cached_prefix(slot, prompt) for slot in free}
         best = max(free, key=lambda slot: (cached[slot], -slot))
-        if cached[best] >= self.MIN_PREFIX_REUSE:
-            return best, cached[best]
-        busy = [s for s in range(self.engine.max_slots) if s not in free]
+        busy = [s for s in range(engine.max_slots) if s not in free]
+        if engine.can_copy_prefix and busy:
+            held = {slot: engine.cached_prefix(slot, prompt) for slot in busy}
+            source = max(busy, key=lambda slot: (held[slot], -slot))
+            if held[source] >= max(least, cached[best] + least):  # worth a copy over reuse in place
+                return self._least_loss(free, busy), held[source], source
+        if cached[best] >= least:
+            return best, cached[best], None
+        return self._least_loss(free, busy), 0, None
+
+    def _least_loss(self, free: list[int], busy: list[int]) -> int:
+        """The free slot whose cache is least likely to be wanted again, among those decode
+        computes anyway (the power of two above the highest busy slot) if any."""
         computed = 1 << max(busy).bit_length() if busy else 1
         candidates = [s for s in free if s < computed] or free
-        return min(candidates, key=lambda s: (self.engine.held_tokens(s) > 0, self._released.get(s, -1), s)), 0
+        return min(candidates, key=lambda s: (self.engine.held_tokens(s) > 0, self._released.get(s, -1), s))
 
     def _stops_before_min(self, req: Request) -> tuple[int, ...]:
         """The stop tokens the sampler bans until the request has `min_tokens` tokens."""

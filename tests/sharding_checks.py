@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 
 from llama_jax import checkpoint  # noqa: E402
 from llama_jax.config import LlamaConfig  # noqa: E402
-from llama_jax.engine import Engine  # noqa: E402
+from llama_jax.engine import Engine, PrefillJob  # noqa: E402
 from llama_jax.model import KVCache, Llama, Params, forward  # noqa: E402
 from llama_jax.sampling import SamplingParams  # noqa: E402
 from llama_jax.sharding import ModelShardings, make_mesh  # noqa: E402
@@ -65,7 +65,7 @@ def allowed_mask(config: LlamaConfig) -> np.ndarray:
 
 def greedy(engine: Engine, config: LlamaConfig) -> list[list[int]]:
     """First tokens from prefill, then DECODES decode calls, slots 0 and 2 constrained to
-    allowed_mask (structured output's path); tokens per busy slot."""
+    allowed_mask (structured output's path); tokens per busy slot; then slot 3's first token."""
     out = [[int(engine.prefill(s, p, SamplingParams.greedy(), 0).tokens[0, 0])] for s, p in enumerate(prompts(config))]
     engine.constrain([0, 2], np.stack([allowed_mask(config)] * 2))
     for _ in range(DECODES):
@@ -74,6 +74,12 @@ def greedy(engine: Engine, config: LlamaConfig) -> list[list[int]]:
             out[s] += step[:, s].tolist()
     keep = np.unpackbits(allowed_mask(config).view(np.uint8), bitorder="little").astype(bool)
     assert all(keep[t] for s in (0, 2) for t in out[s][1:]), "a constrained slot sampled a banned token"
+    # Slot 3 takes the start of slot 1's prompt copied from its rows (prefix reuse), where slots
+    # are not split over dp; elsewhere it prefills the whole prompt. Either way: the same token.
+    fork, shared = prompts(config)[1][:8] + [1, 2], 8 if engine.can_copy_prefix else 0
+    if shared:
+        engine.copy_prefix(1, 3, shared)
+    out.append(engine.prefill_many([PrefillJob(3, fork, SamplingParams.greedy(), 0, cached=shared)]).tokens[0].tolist())
     return out
 
 

@@ -279,3 +279,26 @@ def test_decode_computes_only_the_rows_holding_live_slots(tiny):
     engine.prefill(0, prompt, GREEDY, 0)
     engine.release(2)
     assert engine.decode_rows() == 1
+
+
+@pytest.mark.parametrize("cache_dtype", [None, jnp.int8])
+def test_a_copied_prefix_continues_like_a_whole_prefill(tiny, cache_dtype):
+    """The start of a live slot's rows copied into a free slot, then the rest of a prompt
+    prefilled there: the tokens of prefilling the whole prompt (int8: the scales travel too)."""
+    config, _ = tiny
+    shared, rest_a, rest_b = _prompts(config.vocab_size, [20, 3, 5], seed=4)
+    expected = _run(_engine(tiny, cache_dtype=cache_dtype), [shared + rest_b], 8)[0]
+    engine = _engine(tiny, cache_dtype=cache_dtype)
+    engine.prefill(2, shared + rest_a, GREEDY, 0)
+    engine.decode()  # the source is live and has moved on
+    engine.copy_prefix(2, 0, len(shared))
+    assert engine.cached_prefix(0, shared + rest_b) == len(shared)
+    out = engine.prefill_many([PrefillJob(0, shared + rest_b, GREEDY, 0, cached=len(shared))]).tokens[0].tolist()
+    while len(out) < 8:
+        out += engine.decode().tokens[:, 0].tolist()
+    assert out[:8] == expected
+    with pytest.raises(ValueError, match="free destination"):
+        engine.copy_prefix(2, 0, 4)
+    engine.release(0)
+    with pytest.raises(ValueError, match="cannot copy"):
+        engine.copy_prefix(2, 0, 10_000)

@@ -220,3 +220,19 @@ def _run(sched, requests):
     while sched.has_work():
         sched.step()
     return requests
+
+
+def test_a_running_requests_prefix_is_copied_for_a_new_one(tiny):
+    """A system prompt that a running request holds is copied into the new request's slot
+    instead of prefilled again; both answers are those each gets alone."""
+    system = _prompt(40, 60)
+    a_prompt, b_prompt = system + _prompt(5, 61), system + _prompt(6, 62)
+    sched = _scheduler(tiny)
+    a = sched.add(Request(a_prompt, GREEDY))
+    while a.slot not in sched.running:  # prefilled in chunks of 16
+        sched.step()
+    b = sched.add(Request(b_prompt, GREEDY))
+    sched.step()
+    assert not a.done and b.slot != a.slot and b.cached_tokens == len(system)
+    _run(sched, [])
+    assert a.output == _alone(tiny, a_prompt) and b.output == _alone(tiny, b_prompt)
