@@ -955,3 +955,142 @@ def test_fuzz_completions_schema(http: httpx.Client, scripted_llm: LLM, body: An
         _check(_post(http, "/v1/completions", body))
         _check(http.post("/v1/completions", content=raw, headers={"content-type": "application/json"}))
     assert http.get("/health").status_code == 200
+
+
+# ---- /v1/responses (the Responses API, over the chat path) ----
+
+WEATHER_FN = {"type": "function", **WEATHER["function"]}  # the Responses API's flat function tool
+TIME_FN = {"type": "function", **TIME["function"]}
+
+
+def test_responses_text_equals_chat(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
+    """The same dialog as a chat request: the same prompt tokens and answer; streamed, the client's
+    own stream accumulator (which checks the events' order) rebuilds the same response."""
+    text = "Hello there, how can I help?"
+    kw = dict(model=SCRIPTED, instructions="Be brief.", input="Say something.")
+    with script(scripted_llm, text):
+        r = scripted.responses.create(**kw)
+        chat = scripted.chat.completions.create(
+            model=SCRIPTED, messages=[{"role": "system", "content": "Be brief."}, *USER])
+        with scripted.responses.stream(**kw) as stream:
+            deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+            final = stream.get_final_response()
+    assert r.status == "completed" and r.object == "response" and r.output_text == text
+    assert chat.choices[0].message.content == text
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    (message,) = r.output
+    assert message.type == "message" and message.role == "assistant" and message.status == "completed"
+    assert "".join(deltas) == text and final.output_text == text and final.status == "completed"
+    assert final.usage.output_tokens == r.usage.output_tokens
+
+
+def test_responses_stream_events_in_order(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
+    with script(scripted_llm, "Checking. " + TWO_CALLS):
+        events = list(scripted.responses.create(model=SCRIPTED, input="Weather and time?",
+                                                tools=[WEATHER_FN, TIME_FN], stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert kinds.count("response.output_item.added") == kinds.count("response.output_item.done") == 3
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [i.type for i in done] == ["message", "function_call", "function_call"]
+    assert [i.name for i in done[1:]] == ["get_weather", "get_time"]
+    assert events[-1].response.output == done
+
+
+def test_responses_function_calls_round_trip(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
+    """Calls come back as function_call items; the client sends them back with their outputs (as
+    OpenAI's function-calling guide does), rendered as the chat dialog with tool results."""
+    question = {"role": "user", "content": "Weather in Paris?"}
+    with script(scripted_llm, CALL_TEXT):
+        r = scripted.responses.create(model=SCRIPTED, input=[question], tools=[WEATHER_FN, TIME_FN])
+        streamed = scripted.responses.create(model=SCRIPTED, input=[question], tools=[WEATHER_FN],
+                                             stream=True)
+        last = list(streamed)[-1].response
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id
+    assert json.loads(call.arguments) == {"city": "Paris"} and r.status == "completed"
+    assert [(i.type, i.name, json.loads(i.arguments)) for i in last.output] == [
+        ("function_call", "get_weather", {"city": "Paris"})]
+    follow_up = [question, *r.output, {"type": "function_call_output", "call_id": call.call_id,
+                                       "output": '{"temp_c": 21}'}]
+    with script(scripted_llm, "It is 21 degrees in Paris."):
+        answer = scripted.responses.create(model=SCRIPTED, input=follow_up, tools=[WEATHER_FN, TIME_FN])
+    assert answer.output_text == "It is 21 degrees in Paris."
+    dialog_ = [question, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.call_id, "type": "function", "function": {"name": "get_weather", "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": '{"temp_c": 21}'}]
+    expected = scripted_llm.chat_format.encode_dialog(dialog_, [WEATHER, TIME])
+    assert answer.usage.input_tokens == len(expected)
+
+
+def test_responses_tool_limits_and_choice(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
+    kw = dict(model=SCRIPTED, input="Weather and time?", tools=[WEATHER_FN, TIME_FN])
+    with script(scripted_llm, TWO_CALLS):
+        both = scripted.responses.create(**kw)
+        one = scripted.responses.create(**kw, parallel_tool_calls=False)
+        capped = scripted.responses.create(**kw, max_tool_calls=1, stream=True)
+        capped = list(capped)[-1].response
+        none = scripted.responses.create(**kw, tool_choice="none")
+    assert [i.name for i in both.output] == ["get_weather", "get_time"]
+    assert [i.name for i in one.output] == [i.name for i in capped.output] == ["get_weather"]
+    assert none.output_text == TWO_CALLS and none.tool_choice == "none"
+    with script(scripted_llm, '{"name": "get_time", "parameters": {"tz": "UTC"}}'):
+        named = scripted.responses.create(**kw, tool_choice={"type": "function", "name": "get_time"})
+    assert [i.name for i in named.output] == ["get_time"]
+
+
+def test_responses_incomplete_and_logprobs(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
+    with script(scripted_llm, "one two three four five six seven"):
+        cut = scripted.responses.create(model=SCRIPTED, input="Count.", max_output_tokens=3)
+        events = list(scripted.responses.create(model=SCRIPTED, input="Count.", max_output_tokens=3, stream=True))
+        lp = scripted.responses.create(model=SCRIPTED, input="Count.", top_logprobs=2,
+                                       include=["message.output_text.logprobs"])
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 3 and cut.output[0].status == "incomplete"
+    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == cut.output_text
+    (part,) = lp.output[0].content
+    assert len(part.logprobs) == lp.usage.output_tokens
+    assert "".join(t.token for t in part.logprobs) == part.text
+    assert all(len(t.top_logprobs) == 2 for t in part.logprobs)
+
+
+def test_responses_structured_output(client: openai.OpenAI) -> None:
+    """text.format json_schema on the random model (its output must match), and the client's
+    `responses.parse` into a pydantic model."""
+    import pydantic
+
+    fmt = {"format": {"type": "json_schema", "name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+    r = client.responses.create(model=MODEL, input="Describe someone.", text=fmt, max_output_tokens=200,
+                                temperature=1.0, extra_body={"seed": 4})
+    assert_person(r.output_text)
+    assert r.text.format.type == "json_schema"
+
+    class Pet(pydantic.BaseModel):
+        kind: Literal["cat", "dog", "fish"]
+        legs: int = pydantic.Field(ge=0, le=8)
+
+    parsed = client.responses.parse(model=MODEL, input="A pet?", text_format=Pet, max_output_tokens=100,
+                                    temperature=1.0, extra_body={"seed": 1}).output_parsed
+    assert isinstance(parsed, Pet)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text"),
+    ({"input": []}, "input"),
+    ({"input": "x", "max_output_tokens": 10**6}, "max_output_tokens"),
+    ({"input": "word " * 3000}, "input"),
+    ({"input": "x", "background": True}, "background"),
+])
+def test_responses_bad_requests(scripted_url: str, body: dict, param: str) -> None:
+    r = httpx.post(f"{scripted_url}/v1/responses", json={"model": SCRIPTED, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"].startswith(param), err
+    r = httpx.post(f"{scripted_url}/v1/responses", json={"model": "other", "input": "x"}, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"

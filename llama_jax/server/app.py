@@ -22,6 +22,7 @@ from .errors import APIError, send_error
 from .generation import ServerContext
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .responses import ResponsesRequest, create_response
 from .worker import EngineWorker
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
@@ -74,6 +75,10 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(ctx, body, request)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        return await create_response(ctx, body, request)
 
     def card() -> ModelCard:
         return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_seq_len)

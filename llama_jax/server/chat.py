@@ -18,6 +18,7 @@ first call the model makes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any, AsyncIterator
 
 from starlette.requests import Request as HTTPRequest
@@ -54,7 +55,7 @@ from .protocol import (
     new_id,
     now,
 )
-
+from .worker import Submission
 
 REQUIRED_INSTRUCTION = "Answer by calling one or more of the provided functions."
 NAMED_INSTRUCTION = "Answer by calling the function `{name}`."
@@ -114,9 +115,18 @@ def _with_instruction(messages: list[dict[str, Any]], instruction: str) -> list[
     return [{"role": "system", "content": instruction}, *messages]
 
 
-async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest, request: HTTPRequest) -> Response:
-    from ..tool_calls import StreamingToolParser, parse_tool_calls
+@dataclasses.dataclass
+class ChatJob:
+    """A chat request queued on the engine: its prompt ids, the tools to parse out of the output
+    (None: plain text), and its engine requests (one per choice)."""
 
+    ids: list[int]
+    tools: list[dict[str, Any]] | None
+    sub: Submission
+
+
+async def start_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatJob:
+    """Render, check and queue a chat request (shared with /v1/responses); raises APIError."""
     ctx.check_model(body.model)
     messages, tools = dialog(body)
     try:
@@ -130,7 +140,14 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     samplings = sampling_params(body, len(ids), ctx.max_seq_len, prompt_param="messages",
                                 logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
                                 structured_output=await ctx.constraint(body, tool_call_constraint(body, tools)))
-    sub = ctx.submit([(ids, sp) for sp in samplings])
+    return ChatJob(ids, tools, ctx.submit([(ids, sp) for sp in samplings]))
+
+
+async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest, request: HTTPRequest) -> Response:
+    from ..tool_calls import StreamingToolParser, parse_tool_calls
+
+    job = await start_chat(ctx, body)
+    ids, tools, sub = job.ids, job.tools, job.sub
     parallel = body.parallel_tool_calls is not False
     rid, created = new_id("chatcmpl"), now()
 

@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import StreamingResponse
@@ -18,7 +18,12 @@ from ..structured import StructuredOutput
 from ..tokenizer import Tokenizer
 from .errors import APIError, bad_request, error_body
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, TokenLogprobOut, TopLogprob
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenLogprobOut,
+    TopLogprob,
+)
 from .worker import EngineFailure, EngineWorker, Submission
 
 log = logging.getLogger(__name__)
@@ -181,23 +186,26 @@ def sse(data: str) -> str:
     return f"data: {data}\n\n"
 
 
-def sse_response(chunks: AsyncIterator[str], sub: Submission, what: str) -> StreamingResponse:
-    """Stream `chunks` as server-sent events ending in `data: [DONE]`. A client that leaves ends the
-    stream quietly; an error after the first event becomes an error event; the engine requests
-    are cancelled however the stream ends."""
+def sse_response(chunks: AsyncIterator[str], sub: Submission, what: str, *, done: bool = True,
+                 error_event: Callable[[APIError], str] | None = None) -> StreamingResponse:
+    """Stream `chunks` as server-sent events, ending in `data: [DONE]` if `done`. A client that
+    leaves ends the stream quietly; an error after the first event becomes an error event
+    (`error_event`, default `sse_error`); the engine requests are cancelled however the stream ends."""
+    error_event = error_event or sse_error
 
     async def framed() -> AsyncIterator[str]:
         try:
             async for c in chunks:
                 yield c
-            yield "data: [DONE]\n\n"
+            if done:
+                yield "data: [DONE]\n\n"
         except ClientGone:
             return
         except APIError as e:
-            yield sse_error(e)
+            yield error_event(e)
         except Exception:
             log.exception("%s stream failed", what)
-            yield sse_error(APIError(500, "internal server error", code="internal_error"))
+            yield error_event(APIError(500, "internal server error", code="internal_error"))
         finally:
             sub.cancel()
 
