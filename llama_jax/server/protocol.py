@@ -225,6 +225,20 @@ class StructuredOutputs(_Input):
                                 choice=tuple(self.choice) if self.choice else None, grammar=self.grammar)
 
 
+def check_function_names(names: list[str]) -> None:
+    if len(set(names)) != len(names):
+        raise ValueError("function names must be unique")
+
+
+def check_tool_choice(choice: Any, names: list[str], named: str | None) -> None:
+    """A tool_choice against the names of the request's functions (`named`: the one a named
+    choice names)."""
+    if choice not in (None, "none", "auto") and not names:
+        raise ValueError(f"tool_choice {choice if isinstance(choice, str) else 'function'!r} requires tools")
+    if named is not None and named not in names:
+        raise ValueError(f"function {named!r} is not in tools")
+
+
 # Fields OpenAI documents that this server accepts only when absent, null or empty; any other
 # value is a 400 saying it is not supported.
 UNSUPPORTED = ("functions", "function_call", "audio", "web_search_options", "suffix")
@@ -348,19 +362,14 @@ class ChatCompletionRequest(_SamplingFields):
     @field_validator("tools")
     @classmethod
     def _unique_names(cls, tools: list[ToolDef] | None) -> list[ToolDef] | None:
-        names = [t.function.name for t in tools or []]
-        if len(set(names)) != len(names):
-            raise ValueError("function names must be unique")
+        check_function_names([t.function.name for t in tools or []])
         return tools
 
     @field_validator("tool_choice")
     @classmethod
     def _choice_in_tools(cls, choice: Any, info: ValidationInfo) -> Any:
-        names = [t.function.name for t in info.data.get("tools") or []]
-        if choice not in (None, "none", "auto") and not names:
-            raise ValueError(f"tool_choice {choice if isinstance(choice, str) else 'function'!r} requires tools")
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"function {choice.function.name!r} is not in tools")
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        check_tool_choice(choice, [t.function.name for t in info.data.get("tools") or []], named)
         return choice
 
     @field_validator("top_logprobs")

@@ -44,6 +44,8 @@ from .protocol import (
     Text,
     _Input,
     _no_surrogates,
+    check_function_names,
+    check_tool_choice,
     now,
 )
 
@@ -203,19 +205,14 @@ class ResponsesRequest(_Input):
     @field_validator("tools")
     @classmethod
     def _unique_names(cls, tools: list[FunctionTool] | None) -> list[FunctionTool] | None:
-        names = [t.name for t in tools or []]
-        if len(set(names)) != len(names):
-            raise ValueError("function names must be unique")
+        check_function_names([t.name for t in tools or []])
         return tools
 
     @field_validator("tool_choice")
     @classmethod
     def _choice_in_tools(cls, choice: Any, info: ValidationInfo) -> Any:
-        names = [t.name for t in info.data.get("tools") or []]
-        if choice not in (None, "none", "auto") and not names:
-            raise ValueError(f"tool_choice {choice if isinstance(choice, str) else 'function'!r} requires tools")
-        if isinstance(choice, NamedFunctionChoice) and choice.name not in names:
-            raise ValueError(f"function {choice.name!r} is not in tools")
+        named = choice.name if isinstance(choice, NamedFunctionChoice) else None
+        check_tool_choice(choice, [t.name for t in info.data.get("tools") or []], named)
         return choice
 
     @property
