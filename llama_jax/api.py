@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, quantization
+from . import checkpoint, lora, quantization
 from .attention import AttentionImpl
 from .config import LlamaConfig
 from .engine import Engine
@@ -72,7 +72,10 @@ class LLM:
         path: Path | None = None,
         cache_dtype: Any = None,
         feature_major_decode: bool | None = None,
+        adapter_names: Sequence[str] = (),
     ):
+        """`adapter_names`: the names (e.g. served model ids) of the LoRA adapters `params` holds
+        (lora.attach_many), in their order."""
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -86,6 +89,9 @@ class LLM:
             attention_impl=attention_impl, shardings=shardings, cache_dtype=cache_dtype,
             feature_major_decode=feature_major_decode,
         )
+        if len(adapter_names) != self.engine.adapters:
+            raise ValueError(f"{len(adapter_names)} adapter names for {self.engine.adapters} adapters")
+        self.adapter_names = tuple(adapter_names)
         self.scheduler = Scheduler(self.engine, tokenizer) if tokenizer is not None else None
         self._chat_format = None
         # Replicated output when sharded, so the host can read it in every process.
@@ -116,12 +122,18 @@ class LLM:
         logits, _ = forward(params, self.config, tokens, positions, cache, attention_impl=self.attention_impl)
         return logits
 
-    def logits(self, tokens: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
-        """Full-sequence float32 logits (B, T, V) for token ids (B, T) at positions 0..T-1."""
+    def logits(self, tokens: np.ndarray | Sequence[Sequence[int]], adapter: int = 0) -> np.ndarray:
+        """Full-sequence float32 logits (B, T, V) for token ids (B, T) at positions 0..T-1, with
+        LoRA adapter `adapter` (1-based, see adapter_names; 0: the base model)."""
         tokens = jnp.asarray(np.asarray(tokens, dtype=np.int32))
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (batch, length), got shape {tokens.shape}")
-        return np.asarray(self._logits_fn(self.params, tokens))
+        if not 0 <= adapter <= self.engine.adapters:
+            raise ValueError(f"adapter {adapter} is outside [0, {self.engine.adapters}]")
+        params = self.params
+        if self.engine.adapters:
+            params = lora.route(params, np.full((tokens.shape[0],), adapter, np.int32))
+        return np.asarray(self._logits_fn(params, tokens))
 
     # ---- prompts ----
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -315,6 +327,7 @@ def load(
     progress: bool = True,
     adapters: str | os.PathLike | None = None,
     merge_adapters: bool = True,
+    lora_modules: dict[str, str | os.PathLike] | None = None,
     quantize: str | None = None,
     quantize_lm_head: bool = False,
     cache_dtype: str | None = None,
@@ -330,6 +343,8 @@ def load(
     `mesh`: a `jax.sharding.Mesh` or a spec such as "tp=8" or "dp=2,tp=4".
     `adapters`: a LoRA adapter directory (scripts/finetune.py), merged into the weights, or
     applied on the fly with `merge_adapters=False`.
+    `lora_modules`: {name: adapter directory}: all held at once over the base weights, each
+    request picking one (`Request.adapter`, the server's `model` field) or none, in one batch.
     `quantize`: "int8" or "fp8" quantizes the layer weights while loading, one layer at a time
     (llama_jax/quantization.py); a checkpoint stored quantized loads quantized without it.
     `quantize_lm_head`: also quantize an untied LM head (with `quantize`'s mode, else the stored
@@ -387,11 +402,11 @@ def load(
     )
     if head_mode is not None:
         params["lm_head"] = quantization.quantize_lm_head(params["lm_head"], head_mode)
+    rep = shardings.replicated if shardings is not None else None
     if adapters is not None:
-        from . import lora
-
-        rep = shardings.replicated if shardings is not None else None
         params = lora.attach(params, adapters, config, merge_adapters=merge_adapters, sharding=rep)
+    if lora_modules:
+        params = lora.attach_many(params, list(lora_modules.values()), config, sharding=rep)
     if shardings is not None:  # the tree as restored: quantized and LoRA weights are pytrees of arrays
         shardings = copy.copy(shardings)
         shardings.params = jax.tree.map(lambda a: a.sharding, params)
@@ -399,5 +414,5 @@ def load(
     return LLM(
         config, params, tokenizer, max_slots=max_slots, max_seq_len=max_seq_len, decode_steps=decode_steps,
         attention_impl=attention_impl, shardings=shardings, path=Path(ckpt), cache_dtype=cache_dtype,
-        feature_major_decode=feature_major_decode,
+        feature_major_decode=feature_major_decode, adapter_names=tuple(lora_modules or ()),
     )

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import lora
 from .attention import AttentionImpl
 from .config import LlamaConfig
 from .model import (
@@ -63,7 +64,8 @@ class PrefillJob:
     seed: int
     stop_ids: tuple[int, ...] = ()  # not sampled before sampling.min_tokens tokens
     allowed: np.ndarray | None = None  # bitmask of the tokens the first may be (structured.Matcher.mask)
-    cached: int = 0  # prompt tokens already in the slot's cache (at most cached_prefix(slot, prompt))
+    cached: int = 0  # prompt tokens already in the slot's cache (at most cached_prefix(slot, prompt, adapter))
+    adapter: int = 0  # the LoRA adapter the slot runs (lora.attach_many; 0: the base model)
 
 
 @dataclasses.dataclass
@@ -167,6 +169,10 @@ class Engine:
         elif feature_major_decode and (shardings is not None or attention_impl != "xla"):
             raise ValueError("feature_major_decode needs one device (no shardings) and attention_impl='xla'")
         self._decode_params = feature_major_params(params) if feature_major_decode else params
+        # Several LoRA adapters (lora.attach_many): each call routes its rows to their slots' adapters.
+        self.adapters = lora.adapter_count(params)
+        self._route_rows = 1 << (max_slots - 1).bit_length()  # the most rows a call has
+        self._adapter = np.zeros((max_slots,), np.int32)  # each slot's adapter
         self.feature_major_decode = feature_major_decode
         self.cache, self.sampler, self.tokens, self.positions = self._new_state()
         # Host mirror: position of each slot's last token, or None when the slot is free.
@@ -177,6 +183,7 @@ class Engine:
         # history[s, :history_len[s]] (prompt, then every token fed to decode), kept after release.
         self._history = np.zeros((max_slots, self.max_seq_len), np.int32)
         self._history_len = np.zeros((max_slots,), np.int64)
+        self._history_adapter = np.zeros((max_slots,), np.int32)  # the adapter that wrote them
         self._last = np.zeros((max_slots,), np.int32)  # each live slot's next decode input
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(12, 13), donate_argnums=(1, 2), **prefill_sh)
         self._decode = jax.jit(self._decode_fn, static_argnums=(7, 8, 9, 10), donate_argnums=(1, 2, 3, 4), **decode_sh)
@@ -263,11 +270,12 @@ class Engine:
         """How many tokens' keys and values the cache rows of `slot` hold (see cached_prefix)."""
         return int(self._history_len[slot])
 
-    def cached_prefix(self, slot: int, prompt: Sequence[int]) -> int:
-        """How many leading tokens of `prompt` the cache rows of `slot` already hold, leaving at
-        least one to prefill (its logits give the first token)."""
+    def cached_prefix(self, slot: int, prompt: Sequence[int], adapter: int = 0) -> int:
+        """How many leading tokens of `prompt` the cache rows of `slot` already hold, as `adapter`
+        computes them (keys and values differ between adapters), leaving at least one to prefill
+        (its logits give the first token)."""
         n = min(int(self._history_len[slot]), len(prompt) - 1)
-        if n <= 0:
+        if n <= 0 or self._history_adapter[slot] != adapter:
             return 0
         differ = np.flatnonzero(self._history[slot, :n] != np.asarray(prompt[:n], np.int32))
         return int(differ[0]) if differ.size else n
@@ -285,6 +293,7 @@ class Engine:
         self.cache = self._copy(self.cache, jnp.int32(src), jnp.int32(dst), jnp.int32(n), self.kv_window_for(n))
         self._history[dst, :n] = self._history[src, :n]
         self._history_len[dst] = n
+        self._history_adapter[dst] = self._history_adapter[src]
 
     def _record(self, slot: int, start: int, tokens: Sequence[int]) -> None:
         """The cache rows of `slot` from position `start` on now hold `tokens` (past the end: dropped)."""
@@ -326,7 +335,9 @@ class Engine:
                 raise RuntimeError(f"slot {j.slot} is busy")
             if not 0 < len(j.prompt) < self.max_seq_len:
                 raise ValueError(f"prompt length {len(j.prompt)} must be in [1, {self.max_seq_len - 1}]")
-            if j.slot not in self.filling and not 0 <= j.cached <= self.cached_prefix(j.slot, j.prompt):
+            if not 0 <= j.adapter <= self.adapters:
+                raise ValueError(f"adapter {j.adapter} is outside [0, {self.adapters}]")
+            if j.slot not in self.filling and not 0 <= j.cached <= self.cached_prefix(j.slot, j.prompt, j.adapter):
                 raise ValueError(f"slot {j.slot} does not hold the first {j.cached} tokens of the prompt")
         chunk = self.prefill_buckets[-1]
         starts = [self.filling.get(j.slot, j.cached) for j in jobs]
@@ -370,9 +381,11 @@ class Engine:
         allowed = np.full((n, mask_words(vocab)), -1, np.int32)  # every token
         rows = [row_values(j.sampling, j.seed) for j, _ in pieces]
         rows += [rows[0]] * (n - len(pieces))
+        adapters = np.zeros((self._route_rows,), np.int32)
         for r, (j, s) in enumerate(pieces):
             piece = j.prompt[s : s + bucket]
             self._record(j.slot, s, piece)
+            self._adapter[j.slot] = self._history_adapter[j.slot] = adapters[r] = j.adapter
             tokens[r, : len(piece)] = piece
             start[r], length[r], slots[r] = s, len(piece), j.slot
             seen[r, np.asarray(j.prompt)] = True
@@ -382,7 +395,7 @@ class Engine:
                 allowed[r] = j.allowed
         values = {k: jnp.asarray(np.stack([v[k] for v in rows])) for k in rows[0]}
         self.cache, self.sampler, out = self._prefill(
-            self.params, self.cache, self.sampler, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(length),
+            self._routed(self.params, adapters), self.cache, self.sampler, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(length),
             jnp.asarray(slots), values, jnp.asarray(seen), jnp.asarray(bias), jnp.asarray(stops), jnp.asarray(allowed),
             self.kv_window_for(int(start.max()) + bucket), want_lp,
         )
@@ -434,8 +447,14 @@ class Engine:
         rows = self.decode_rows()
         window = self.kv_window_for(max(live) + steps)
         blocks = self._decode_blocks(rows, steps, window)
-        return (self._decode_params, self.cache, self.sampler, self.tokens, self.positions,
+        adapters = np.zeros((self._route_rows,), np.int32)
+        adapters[: self.max_slots] = self._adapter
+        return (self._routed(self._decode_params, adapters), self.cache, self.sampler, self.tokens, self.positions,
                 *(blocks or self._no_blocks), steps, None if blocks else window, want_logprobs, rows)
+
+    def _routed(self, params: Params, adapters: np.ndarray) -> Params:
+        """`params` whose batch row i runs LoRA adapter adapters[i], if several are held."""
+        return lora.route(params, adapters) if self.adapters else params
 
     def _decode_blocks(self, rows: int, steps: int, window: int) -> tuple[jax.Array, jax.Array] | None:
         """The (rows, starts) block list of a decode of `steps` tokens for the first `rows` slots

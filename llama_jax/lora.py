@@ -8,11 +8,14 @@ The adapters of a model are a plain nested dict, trained and saved on their own:
 `lax.scan` slices them with the layer's other weights. `b` starts at zero: a fresh adapter
 leaves the model unchanged.
 
-Two ways to run them:
+Three ways to run them:
 - `apply` wraps each targeted weight in a `LoraWeight`, whose `dense` computes
   x·W + scale·(x·A)·B. W may be any weight `model.dense` accepts (an array, a quantized
   weight), so adapters compose with other weight kinds. Training uses this form.
 - `merge` folds scale·A·B into array weights: inference then costs nothing extra.
+- `attach_many` serves several adapters over one base at once: each targeted weight becomes a
+  `MultiLoraWeight` holding all of them, and each batch row picks its own (or none) through
+  the `rows` the engine sets for every call (`route`); vLLM's multi-LoRA serving.
 
 On disk (`save` / `load`), an adapter directory holds:
 
@@ -31,7 +34,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +143,36 @@ class LoraWeight:
         xa = jnp.einsum(f"{xs},{contracted}{r}->{kept}{r}", x, self.a.astype(x.dtype))
         update = jnp.einsum(f"{kept}{r},{r}{produced}->{out}", xa, self.b.astype(x.dtype))
         return y + (self.scale * update).astype(y.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MultiLoraWeight:
+    """A weight with N low-rank updates, one picked per batch row: row i computes
+    x·base + scale[k]·(x·a[k])·b[k] with k = rows[i]. Entry 0 is no adapter (zeros), so a row
+    with k = 0 gets the base weight's product alone. Ranks below the largest are zero-padded."""
+
+    base: Any
+    a: jax.Array  # (N + 1, *in_axes, r)
+    b: jax.Array  # (N + 1, r, *out_axes)
+    scale: jax.Array  # (N + 1,)
+    rows: jax.Array  # (at least the batch,) int32: each row's adapter (`route` sets it per call)
+
+    def dense(self, equation: str, x: jax.Array, out_dtype: Any = None) -> jax.Array:
+        y = dense(equation, x, self.base, out_dtype=out_dtype)
+        inputs, out = equation.split("->")
+        xs, ws = inputs.split(",")
+        batch = xs[0]  # the model's products all take x as (batch, ...)
+        contracted = "".join(c for c in ws if c in xs)
+        produced = "".join(c for c in ws if c not in xs)
+        kept = "".join(c for c in xs if c not in ws)
+        r = next(c for c in "rzyxwvuqponmlkjigfedcba" if c not in equation)
+        ids = self.rows[: x.shape[0]]
+        a = self.a[ids].astype(x.dtype)
+        b = (self.b[ids] * self.scale[ids].reshape(-1, *[1] * (self.b.ndim - 1))).astype(x.dtype)
+        xa = jnp.einsum(f"{xs},{batch}{contracted}{r}->{kept}{r}", x, a)
+        update = jnp.einsum(f"{kept}{r},{batch}{r}{produced}->{out}", xa, b)
+        return y + update.astype(y.dtype)
 
 
 def _adapt(params: Params, adapters: Adapters, fn: Callable[[Any, jax.Array, jax.Array], Any]) -> Params:
@@ -279,3 +312,65 @@ def attach(params: Params, directory: str | os.PathLike, config: LlamaConfig, *,
     if merge_adapters:
         return merge(params, adapters, lora, donate=True)
     return apply(params, adapters, lora)
+
+
+def attach_many(params: Params, directories: Sequence[str | os.PathLike], config: LlamaConfig, *,
+                sharding: Any = None) -> Params:
+    """`params` (one tree per layer) with the adapters of `directories` all held at once, as
+    `MultiLoraWeight`s: adapter k (1-based, in the given order) runs on the batch rows whose
+    `route` id is k, and id 0 is the base model; every call must be routed. The targets and
+    ranks may differ between adapters (a missing target is zeros); the adapters go to `sharding`."""
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        raise AdapterError("serving several adapters needs one weight tree per layer (load(scan_layers=False))")
+    if not directories:
+        raise AdapterError("no adapter directories given")
+    loaded = [load(d, config, sharding=sharding) for d in directories]
+    rank = max(lora.rank for _, lora in loaded)
+    names = sorted({name for adapters, _ in loaded for name in adapters}, key=list(layers[0]).index)
+    scale = jnp.asarray([0.0] + [lora.scale for _, lora in loaded], jnp.float32)
+    ids = jnp.zeros((1,), jnp.int32)
+    if sharding is not None:
+        scale, ids = jax.device_put((scale, ids), sharding)
+    stacked = {}
+    for name in names:
+        n_in = next(n for w, n in TARGETS.values() if w == name)
+        shape = param_shapes(config)["layers"][name][1:]
+        a_shape, b_shape = (*shape[:n_in], rank), (rank, *shape[n_in:])
+
+        def padded(adapters: Adapters, key: str, full: tuple[int, ...], name: str = name) -> jax.Array:
+            """(L, *full): the adapter's tensor zero-padded to the largest rank, or zeros."""
+            if name not in adapters:
+                return jnp.zeros((config.n_layers, *full), jnp.float32)
+            t = adapters[name][key]
+            pad = [(0, 0)] * t.ndim
+            pad[-1 if key == "a" else 1] = (0, rank - t.shape[-1 if key == "a" else 1])
+            return jnp.pad(t, pad)
+
+        a = jnp.stack([jnp.zeros((config.n_layers, *a_shape))] + [padded(ad, "a", a_shape) for ad, _ in loaded], 1)
+        b = jnp.stack([jnp.zeros((config.n_layers, *b_shape))] + [padded(ad, "b", b_shape) for ad, _ in loaded], 1)
+        stacked[name] = (a, b)
+    return {**params, "layers": tuple(
+        {**layer, **{n: MultiLoraWeight(layer[n], a[i], b[i], scale, ids) for n, (a, b) in stacked.items()}}
+        for i, layer in enumerate(layers)
+    )}
+
+
+def adapter_count(params: Params) -> int:
+    """How many adapters `attach_many` gave `params` (0: none)."""
+    layers = params["layers"]
+    for layer in layers if isinstance(layers, (list, tuple)) else [layers]:
+        for w in layer.values():
+            if isinstance(w, MultiLoraWeight):
+                return w.scale.shape[0] - 1
+    return 0
+
+
+def route(params: Params, ids: np.ndarray) -> Params:
+    """`params` of `attach_many` whose batch row i runs adapter ids[i] (0: none); `ids` at least
+    as long as the batch."""
+    ids = np.asarray(ids, np.int32)
+    return {**params, "layers": tuple(
+        {n: dataclasses.replace(w, rows=ids) if isinstance(w, MultiLoraWeight) else w for n, w in layer.items()}
+        for layer in params["layers"]
+    )}

@@ -68,6 +68,7 @@ class Request:
     sampling: SamplingParams
     on_event: Callable[[Event], None] | None = None
     id: str = ""
+    adapter: int = 0  # the LoRA adapter to run (lora.attach_many; 0: the base model)
     # Scheduler-side state.
     slot: int | None = None
     output: list[int] = dataclasses.field(default_factory=list)
@@ -164,6 +165,8 @@ class Scheduler:
             raise ValueError("the prompt is empty")
         if n >= limit:
             raise ValueError(f"the prompt has {n} tokens; the context holds {limit} (prompt + output)")
+        if not 0 <= request.adapter <= self.engine.adapters:
+            raise ValueError(f"adapter {request.adapter} is outside [0, {self.engine.adapters}] (the adapters loaded)")
         vocab = self.engine.config.vocab_size
         check_token_ids(request.prompt, vocab)
         outside = [t for t, _ in request.sampling.logit_bias if t >= vocab]
@@ -280,13 +283,13 @@ class Scheduler:
                 self._dispatch(done)
                 events.extend(done)
                 continue
-            req.slot, req.cached_tokens, source = self._pick_slot(free, req.prompt)
+            req.slot, req.cached_tokens, source = self._pick_slot(free, req.prompt, req.adapter)
             if source is not None:  # before this call's prefill overwrites the source's rows
                 self.engine.copy_prefix(source, req.slot, req.cached_tokens)
             free.remove(req.slot)
             first = req.matcher.mask() if req.matcher is not None else None
             work.append((req, PrefillJob(req.slot, req.prompt, req.sampling, seed, self._stops_before_min(req), first,
-                                         req.cached_tokens)))
+                                         req.cached_tokens, req.adapter)))
         if not work:
             return False
         outs = self.engine.prefill_next([job for _, job in work])
@@ -301,17 +304,17 @@ class Scheduler:
             events.extend(first)
         return not chunked and all(out is not None for out in outs)
 
-    def _pick_slot(self, free: list[int], prompt: list[int]) -> tuple[int, int, int | None]:
+    def _pick_slot(self, free: list[int], prompt: list[int], adapter: int) -> tuple[int, int, int | None]:
         """(slot, prompt tokens its cache will hold, the busy slot to copy them from or None) for a
         new request; see the class docstring."""
         if not self.prefix_reuse:
             return free[0], 0, None
         engine, least = self.engine, self.MIN_PREFIX_REUSE
-        cached = {slot: engine.cached_prefix(slot, prompt) for slot in free}
+        cached = {slot: engine.cached_prefix(slot, prompt, adapter) for slot in free}
         best = max(free, key=lambda slot: (cached[slot], -slot))
         busy = [s for s in range(engine.max_slots) if s not in free]
         if engine.can_copy_prefix and busy:
-            held = {slot: engine.cached_prefix(slot, prompt) for slot in busy}
+            held = {slot: engine.cached_prefix(slot, prompt, adapter) for slot in busy}
             source = max(busy, key=lambda slot: (held[slot], -slot))
             if held[source] >= max(least, cached[best] + least):  # worth a copy over reuse in place
                 return self._least_loss(free, busy), held[source], source

@@ -3,6 +3,7 @@
 
     python scripts/serve.py                                   # the demo model on 127.0.0.1:8000
     python scripts/serve.py --ckpt ckpt/llama3.1-8b-instruct --mesh tp=8 --max-slots 32
+    python scripts/serve.py --lora-modules pirate=adapters/pirate legal=adapters/legal
 
 Then, with the official client:
 
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapters", help="LoRA adapter directory (scripts/finetune.py --out)")
     p.add_argument("--no-merge-adapters", dest="merge_adapters", action="store_false",
                    help="apply the adapters on the fly instead of merging them into the weights")
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=DIR", default=[],
+                   help="LoRA adapters served at once beside the base model, each as a model of its own "
+                        "(requests pick one by its name in `model`)")
     from llama_jax.distributed import add_arguments as add_distributed_arguments
     from llama_jax.quantization import add_arguments
 
@@ -72,6 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--port must be in 1..65535")
     if not 0 <= args.lockstep_port < 65536:
         p.error("--lockstep-port must be in 0..65535")
+    modules: dict[str, str] = {}
+    for entry in args.lora_modules:
+        name, sep, path = entry.partition("=")
+        if not (sep and name and path):
+            p.error(f"--lora-modules takes NAME=DIR entries, got {entry!r}")
+        if name in modules:
+            p.error(f"--lora-modules names {name!r} twice")
+        modules[name] = path
+    args.lora_modules = modules
     return args
 
 
@@ -111,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         llm = llama_jax.api.load(
             args.ckpt, dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
             decode_steps=args.decode_steps, attention_impl=args.attention, mesh=args.mesh,
-            adapters=args.adapters, merge_adapters=args.merge_adapters, **load_arguments(args),
+            adapters=args.adapters, merge_adapters=args.merge_adapters, lora_modules=args.lora_modules or None,
+            **load_arguments(args),
         )
     except (ValueError, OSError) as e:  # bad path, config, checkpoint or mesh: say which, no traceback
         sys.exit(f"error: {e}")
@@ -131,9 +145,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if not args.no_warmup:
             print(f"warm-up (compiling) took {warm_up(llm):.1f}s", file=sys.stderr)
-        app = create_app(llm, model_name=args.model_name, max_queue=args.max_queue,
-                         max_body_bytes=int(args.max_body_mb * (1 << 20)))
-        print(f"serving {app.state.ctx.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+        try:
+            app = create_app(llm, model_name=args.model_name, max_queue=args.max_queue,
+                             max_body_bytes=int(args.max_body_mb * (1 << 20)))
+        except ValueError as e:  # e.g. an adapter named like the model
+            sys.exit(f"error: {e}")
+        served = ", ".join(repr(m) for m in (app.state.ctx.model_name, *app.state.ctx.adapter_names))
+        print(f"serving {served} on http://{args.host}:{args.port}/v1", file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         if leader is not None:

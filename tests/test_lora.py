@@ -424,3 +424,110 @@ def test_demo_adapter_keeps_an_unrelated_answer_and_merging_is_exact(demo, fact_
     base_answer = demo.chat(unrelated, sampling=greedy).content
     assert tuned.chat(unrelated, sampling=greedy).content == base_answer
     assert "Paris" in base_answer
+
+
+# ---------------------------------------------------------------- several adapters served at once
+
+
+def _per_layer(params: dict) -> dict:
+    from llama_jax.model import unstack_layers
+
+    return {**params, "layers": unstack_layers(params["layers"], TINY.n_layers)}
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[Path], list[tuple]]:
+    """Base params (stacked layers) and two saved adapters of different ranks and targets."""
+    directory = tmp_path_factory.mktemp("adapters")
+    configs = [lora.LoraConfig(rank=4, alpha=8.0), lora.LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "down"))]
+    adapters = [_random_adapters(TINY, cfg, seed=i + 3) for i, cfg in enumerate(configs)]
+    dirs = [lora.save(directory / f"a{i}", ad, cfg, TINY) for i, (ad, cfg) in enumerate(zip(adapters, configs))]
+    return _random_params(TINY), dirs, list(zip(adapters, configs))
+
+
+def test_each_row_runs_its_own_adapter(two_adapters) -> None:
+    """Rows routed to the base model, adapter 1 and adapter 2 in one batch: each row's logits
+    equal those of the base weights with that adapter merged in (or none)."""
+    base, dirs, loaded = two_adapters
+    many = lora.attach_many(_per_layer(base), dirs, TINY)
+    assert lora.adapter_count(many) == 2 and lora.adapter_count(base) == 0
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 256, (3, 10)))
+    got = _logits(lora.route(many, np.array([0, 1, 2, 0])), TINY, tokens)
+    for row, params in enumerate([base] + [lora.merge(base, ad, cfg) for ad, cfg in loaded]):
+        want = _logits(params, TINY, tokens[row : row + 1])[0]
+        assert float(jnp.abs(got[row] - want).max()) < 1e-4, row
+    with pytest.raises(lora.AdapterError, match="one weight tree per layer"):
+        lora.attach_many(base, dirs, TINY)
+
+
+def test_the_engine_batches_requests_of_different_adapters(two_adapters) -> None:
+    """Three prompts prefilled and decoded together, each on its own adapter (or none): the
+    greedy tokens of each alone on the merged weights; a cached prompt is reused only by a
+    request of the same adapter."""
+    from llama_jax.engine import Engine, PrefillJob
+    from llama_jax.sampling import SamplingParams
+
+    base, dirs, loaded = two_adapters
+    greedy = SamplingParams.greedy()
+    prompts = [np.random.default_rng(i).integers(0, 256, 40).tolist() for i in range(3)]
+
+    def run(engine: Engine, jobs: list[PrefillJob], n: int = 8) -> list[list[int]]:
+        out = [[t] for t in engine.prefill_many(jobs).tokens[0].tolist()]
+        while len(out[0]) < n:
+            step = engine.decode().tokens
+            for i, j in enumerate(jobs):
+                out[i] += step[:, j.slot].tolist()
+        return [o[:n] for o in out]
+
+    kw = dict(max_slots=4, max_seq_len=128, decode_steps=4, prefill_buckets=(16, 32))
+    engine = Engine(TINY, lora.attach_many(_per_layer(base), dirs, TINY), **kw)
+    assert engine.adapters == 2
+    together = run(engine, [PrefillJob(s, p, greedy, 0, adapter=s) for s, p in enumerate(prompts)])
+    merged = [base] + [lora.merge(base, ad, cfg) for ad, cfg in loaded]
+    alone = [run(Engine(TINY, _per_layer(merged[s]), **kw), [PrefillJob(0, p, greedy, 0)])[0]
+             for s, p in enumerate(prompts)]
+    assert together == alone
+    for s in range(3):
+        engine.release(s)
+    assert engine.cached_prefix(1, prompts[1] + [7], adapter=1) == len(prompts[1])
+    assert engine.cached_prefix(1, prompts[1] + [7], adapter=2) == 0
+    with pytest.raises(ValueError, match="adapter 3 is outside"):
+        engine.prefill_many([PrefillJob(3, prompts[0], greedy, 0, adapter=3)])
+
+
+def test_serving_adapters_by_model_name(tiny_ckpt: Path, two_adapters) -> None:
+    """load(lora_modules=...) behind the HTTP app: each adapter is a model of its own (listed with
+    its parent); a completion through it, echoed prompt log-probabilities included, is the one
+    the base with that adapter merged gives; a name not served is a 404."""
+    from fastapi.testclient import TestClient
+
+    import llama_jax
+    from llama_jax.server import create_app
+
+    _, dirs, _ = two_adapters
+    kw = dict(dtype="float32", max_seq_len=64, max_slots=4, progress=False)
+    body = dict(prompt=[[5, 6, 7, 8, 9]], max_tokens=6, temperature=0, echo=True, logprobs=1)
+
+    def complete(llm: llama_jax.LLM, names: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+        with TestClient(create_app(llm, model_name="base")) as c:
+            cards = c.get("/v1/models").json()["data"]
+            assert c.post("/v1/completions", json=dict(body, model="third")).status_code == 404
+            out = [c.post("/v1/completions", json=dict(body, model=m)).json()["choices"][0] for m in names]
+        return cards, out
+
+    many = llama_jax.load(tiny_ckpt, lora_modules={"first": dirs[0], "second": dirs[1]}, **kw)
+    cards, served = complete(many, ("base", "first", "second"))
+    assert [(c["id"], c["parent"]) for c in cards] == [("base", None), ("first", "base"), ("second", "base")]
+    for got, adapters in zip(served, [None, *dirs]):
+        _, (want,) = complete(llama_jax.load(tiny_ckpt, adapters=adapters, **kw), ("base",))
+        assert got["text"] == want["text"]
+        assert got["logprobs"]["token_logprobs"][1:] == pytest.approx(want["logprobs"]["token_logprobs"][1:], abs=1e-4)
+    assert len({c["text"] for c in served}) == 3  # the adapters change the answer
+
+
+def test_serve_script_parses_lora_modules() -> None:
+    serve = _load_script("serve")
+    assert serve.parse_args(["--lora-modules", "a=x", "b=y/z"]).lora_modules == {"a": "x", "b": "y/z"}
+    for bad in (["--lora-modules", "a"], ["--lora-modules", "a=x", "a=y"], ["--lora-modules", "=x"]):
+        with pytest.raises(SystemExit):
+            serve.parse_args(bad)

@@ -55,6 +55,8 @@ def create_app(
     worker = EngineWorker(llm.scheduler, observe=metrics.observe)
     ctx = ServerContext(llm=llm, worker=worker, metrics=metrics, model_name=model_name or default_model_name(llm),
                         created=int(time.time()))
+    if ctx.model_name in ctx.adapter_names:
+        raise ValueError(f"the model name {ctx.model_name!r} is also an adapter's name")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,17 +82,19 @@ def create_app(
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         return await create_response(ctx, body, request)
 
-    def card() -> ModelCard:
-        return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_seq_len)
+    def card(adapter: int = 0) -> ModelCard:
+        if adapter == 0:
+            return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_seq_len)
+        return ModelCard(id=ctx.adapter_names[adapter - 1], created=ctx.created, max_model_len=ctx.max_seq_len,
+                         parent=ctx.model_name)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[card()])
+        return ModelList(data=[card(k) for k in range(len(ctx.adapter_names) + 1)])
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> ModelCard:
-        ctx.check_model(model)
-        return card()
+        return card(ctx.check_model(model))
 
     @app.get("/health")
     async def health() -> Response:

@@ -127,7 +127,7 @@ class ChatJob:
 
 async def start_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatJob:
     """Render, check and queue a chat request (shared with /v1/responses); raises APIError."""
-    ctx.check_model(body.model)
+    adapter = ctx.check_model(body.model)
     messages, tools = dialog(body)
     try:
         chat_format = ctx.llm.chat_format
@@ -140,7 +140,7 @@ async def start_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatJob
     samplings = sampling_params(body, len(ids), ctx.max_seq_len, prompt_param="messages",
                                 logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
                                 structured_output=await ctx.constraint(body, tool_call_constraint(body, tools)))
-    return ChatJob(ids, tools, ctx.submit([(ids, sp) for sp in samplings]))
+    return ChatJob(ids, tools, ctx.submit([(ids, sp) for sp in samplings], adapter))
 
 
 async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest, request: HTTPRequest) -> Response:

@@ -39,11 +39,11 @@ from .protocol import (
 PROMPT_LOGPROBS_MAX_ELEMENTS = 1 << 26  # 256 MiB
 
 
-def prompt_logprobs(llm: Any, ids: list[int], top: int) -> list[TokenLogprob | None]:
+def prompt_logprobs(llm: Any, ids: list[int], top: int, adapter: int = 0) -> list[TokenLogprob | None]:
     """Log-probability of each prompt token given the ones before it (None for the first)."""
     n = len(ids)
     padded = max(16, 1 << (n - 1).bit_length())  # power-of-two lengths bound the compilations
-    logits = llm.logits([ids + [0] * (padded - n)])[0, : n - 1].astype(np.float64)
+    logits = llm.logits([ids + [0] * (padded - n)], adapter)[0, : n - 1].astype(np.float64)
     m = logits.max(axis=-1, keepdims=True)
     logp = logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
     out: list[TokenLogprob | None] = [None]
@@ -88,7 +88,7 @@ def _merge(a: LegacyLogprobs | None, b: LegacyLogprobs) -> LegacyLogprobs:
 
 
 async def create_completion(ctx: ServerContext, body: CompletionRequest, request: HTTPRequest) -> Response:
-    ctx.check_model(body.model)
+    adapter = ctx.check_model(body.model)
     prompts = body.prompts
     encoded: list[list[int]] = []
     for p in prompts:
@@ -113,8 +113,9 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
             if 2 * len(ids) * vocab > PROMPT_LOGPROBS_MAX_ELEMENTS:
                 raise bad_request(f"echo with logprobs is limited to prompts of "
                                   f"{PROMPT_LOGPROBS_MAX_ELEMENTS // (2 * vocab)} tokens", "echo")
-            echo_lps[j] = await asyncio.wrap_future(ctx.worker.call(lambda ids=ids: prompt_logprobs(ctx.llm, ids, top)))
-    sub = ctx.submit(jobs)
+            echo_lps[j] = await asyncio.wrap_future(
+                ctx.worker.call(lambda ids=ids: prompt_logprobs(ctx.llm, ids, top, adapter)))
+    sub = ctx.submit(jobs, adapter)
     n = body.n
     total = len(jobs)
     legacy = [_Legacy(ctx) for _ in range(total)]

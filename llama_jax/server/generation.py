@@ -54,18 +54,28 @@ class ServerContext:
     def max_seq_len(self) -> int:
         return self.llm.max_seq_len
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(404, f"The model {name!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters served beside the base model, as models of their own (1-based)."""
+        return self.llm.adapter_names
 
-    def submit(self, jobs: Sequence[tuple[list[int], SamplingParams]]) -> Submission:
+    def check_model(self, name: str) -> int:
+        """The adapter a request's `model` names: 0 for the base model, k for adapter k; else a 404."""
+        if name == self.model_name:
+            return 0
+        if name in self.adapter_names:
+            return self.adapter_names.index(name) + 1
+        served = ", ".join(repr(m) for m in (self.model_name, *self.adapter_names))
+        raise APIError(404, f"The model {name!r} does not exist; this server serves {served}",
+                       param="model", code="model_not_found")
+
+    def submit(self, jobs: Sequence[tuple[list[int], SamplingParams]], adapter: int = 0) -> Submission:
         limit = self.worker.scheduler.max_queue
         if len(jobs) > limit:  # could never be queued, however idle the server
             raise bad_request(f"the request asks for {len(jobs)} sequences (prompts x n); "
                               f"this server queues at most {limit}", "n")
         try:
-            sub = self.worker.submit(jobs, asyncio.get_running_loop())
+            sub = self.worker.submit(jobs, asyncio.get_running_loop(), adapter)
         except QueueFull as e:
             raise APIError(503, f"the server is overloaded ({e}); retry later", code="overloaded") from None
         except ValueError as e:

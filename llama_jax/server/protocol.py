@@ -573,6 +573,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llama-jax"
     max_model_len: int
+    parent: str | None = None  # a LoRA adapter's base model, as vLLM lists adapters
 
 
 class ModelList(BaseModel):

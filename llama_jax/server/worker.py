@@ -80,9 +80,10 @@ class EngineWorker:
         return self._thread is not None and self._thread.is_alive()
 
     # ---- called from the event loop ----
-    def submit(self, jobs: Sequence[tuple[list[int], SamplingParams]], loop: asyncio.AbstractEventLoop) -> Submission:
-        """Queue one engine request per job, all or none: raises QueueFull (nothing queued) or
-        ValueError (a prompt the scheduler refuses)."""
+    def submit(self, jobs: Sequence[tuple[list[int], SamplingParams]], loop: asyncio.AbstractEventLoop,
+               adapter: int = 0) -> Submission:
+        """Queue one engine request per job (all with LoRA adapter `adapter`), all or none: raises
+        QueueFull (nothing queued) or ValueError (a prompt the scheduler refuses)."""
         queue: asyncio.Queue = asyncio.Queue()
         requests: list[Request] = []
         with self._cond:
@@ -93,7 +94,8 @@ class EngineWorker:
                 for index, (ids, sampling) in enumerate(jobs):
                     # Registered before it is queued: the engine thread may admit, finish and
                     # report it before add() returns.
-                    req = Request(ids, sampling, on_event=self._on_event, id=f"req-{uuid.uuid4().hex}")
+                    req = Request(ids, sampling, on_event=self._on_event, id=f"req-{uuid.uuid4().hex}",
+                                  adapter=adapter)
                     self._live[req.id] = (req, _deliverer(loop, queue, index))
                     requests.append(req)
                     sched.add(req)
