@@ -313,21 +313,31 @@ def test_resume_refuses_other_settings(tiny_ckpt: Path, tiny_data: Path, tmp_pat
 
 def test_load_with_adapters_merged_unmerged_and_sharded(tiny_ckpt: Path, tmp_path: Path) -> None:
     """llama_jax.load(adapters=...): merged on one device, and on the fly with the weights split
-    over tp=2 (the adapters replicated beside them), give the same logits and greedy tokens."""
+    over tp=2 (the adapters replicated beside them), give the same logits and greedy tokens; so
+    does the adapter held among others (lora_modules) over tp=2, run by the scheduler."""
     cfg = lora.LoraConfig(rank=4, alpha=8.0)
     lora.save(tmp_path / "ad", _random_adapters(TINY, cfg), cfg, TINY)
+    lora.save(tmp_path / "ad-other", _random_adapters(TINY, cfg, seed=9), cfg, TINY)
     script = r"""
 import json, sys
 import numpy as np
 import llama_jax
 from llama_jax import SamplingParams
+from llama_jax.scheduler import Request
 ckpt, ad = sys.argv[1], sys.argv[2]
 kw = dict(dtype="float32", max_seq_len=64, max_slots=2, progress=False)
 runs = {"merged": llama_jax.load(ckpt, adapters=ad, **kw),
         "fly_tp2": llama_jax.load(ckpt, adapters=ad, merge_adapters=False, mesh="tp=2", **kw)}
+many = llama_jax.load(ckpt, lora_modules={"other": ad + "-other", "this": ad}, mesh="tp=2", **kw)
 tokens = np.random.default_rng(0).integers(0, 256, (2, 12))
 logits = {k: llm.logits(tokens) for k, llm in runs.items()}
-text = {k: llm.generate([[1, 2, 3]], SamplingParams.greedy(max_tokens=6))[0].token_ids for k, llm in runs.items()}
+logits["many_tp2"] = many.logits(tokens, adapter=2)
+greedy = SamplingParams.greedy(max_tokens=6)
+text = {k: llm.generate([[1, 2, 3]], greedy)[0].token_ids for k, llm in runs.items()}
+reqs = [many.scheduler.add(Request([1, 2, 3], greedy, adapter=a)) for a in (2, 1)]
+while many.scheduler.has_work():
+    many.scheduler.step()
+text["many_tp2"] = reqs[0].output
 err = {k: float(np.abs(v - logits["merged"]).max()) for k, v in logits.items()}
 print(json.dumps({"err": err, "tokens": text}))
 """
@@ -337,8 +347,8 @@ print(json.dumps({"err": err, "tokens": text}))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(result)
-    assert result["err"]["fly_tp2"] < 1e-4
-    assert result["tokens"]["fly_tp2"] == result["tokens"]["merged"]
+    assert result["err"]["fly_tp2"] < 1e-4 and result["err"]["many_tp2"] < 1e-4
+    assert result["tokens"]["fly_tp2"] == result["tokens"]["many_tp2"] == result["tokens"]["merged"]
 
 
 # ---------------------------------------------------------------- the demo model learns a made-up fact
