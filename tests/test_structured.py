@@ -240,6 +240,8 @@ def test_an_invalid_constraint_is_refused_when_queued(tiny):
 
 def test_constrained_decoding_compiles_one_decode_program_per_row_count(tiny):
     sched = _scheduler(tiny)
+    # Lowest free slots: both runs decode 2 rows (prefix reuse would keep slot 1's cache and take slot 2).
+    sched.prefix_reuse = False
     _, _, tok = tiny
     so = StructuredOutput(regex="[a-z]{8}")
     _run(sched, [Request(tok.encode("a"), SamplingParams(max_tokens=9, temperature=1.0, seed=s, structured_output=so))
