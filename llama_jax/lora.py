@@ -159,19 +159,29 @@ class MultiLoraWeight:
     rows: jax.Array  # (at least the batch,) int32: each row's adapter (`route` sets it per call)
 
     def dense(self, equation: str, x: jax.Array, out_dtype: Any = None) -> jax.Array:
+        """With one token per row (decode), every adapter's A and B are read once and each row
+        keeps its own through a one-hot weighting: per-row copies of A and B would move more
+        bytes than the weights themselves at large batches. With many tokens per row (prefill),
+        each row's A and B are gathered instead, so the extra products stay those of one adapter."""
         y = dense(equation, x, self.base, out_dtype=out_dtype)
         inputs, out = equation.split("->")
         xs, ws = inputs.split(",")
-        batch = xs[0]  # the model's products all take x as (batch, ...)
+        batch = xs[0]  # the model's products all take x as (batch, tokens, ...)
         contracted = "".join(c for c in ws if c in xs)
         produced = "".join(c for c in ws if c not in xs)
         kept = "".join(c for c in xs if c not in ws)
-        r = next(c for c in "rzyxwvuqponmlkjigfedcba" if c not in equation)
+        r, n = [c for c in "rnzyxwvuqpomlkjigfedca" if c not in equation][:2]
         ids = self.rows[: x.shape[0]]
-        a = self.a[ids].astype(x.dtype)
-        b = (self.b[ids] * self.scale[ids].reshape(-1, *[1] * (self.b.ndim - 1))).astype(x.dtype)
-        xa = jnp.einsum(f"{xs},{batch}{contracted}{r}->{kept}{r}", x, a)
-        update = jnp.einsum(f"{kept}{r},{batch}{r}{produced}->{out}", xa, b)
+        if x.shape[1] == 1:
+            pick = (ids[:, None] == jnp.arange(self.scale.shape[0])) * self.scale  # (batch, N + 1)
+            xa = jnp.einsum(f"{xs},{n}{contracted}{r}->{kept}{n}{r}", x, self.a.astype(x.dtype))
+            update = jnp.einsum(f"{kept}{n}{r},{batch}{n},{n}{r}{produced}->{out}", xa, pick.astype(x.dtype),
+                                self.b.astype(x.dtype))
+        else:
+            a = self.a[ids].astype(x.dtype)
+            b = (self.b[ids] * self.scale[ids].reshape(-1, *[1] * (self.b.ndim - 1))).astype(x.dtype)
+            xa = jnp.einsum(f"{xs},{batch}{contracted}{r}->{kept}{r}", x, a)
+            update = jnp.einsum(f"{kept}{r},{batch}{r}{produced}->{out}", xa, b)
         return y + update.astype(y.dtype)
 
 

@@ -461,11 +461,14 @@ def test_each_row_runs_its_own_adapter(two_adapters) -> None:
     base, dirs, loaded = two_adapters
     many = lora.attach_many(_per_layer(base), dirs, TINY)
     assert lora.adapter_count(many) == 2 and lora.adapter_count(base) == 0
-    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 256, (3, 10)))
-    got = _logits(lora.route(many, np.array([0, 1, 2, 0])), TINY, tokens)
-    for row, params in enumerate([base] + [lora.merge(base, ad, cfg) for ad, cfg in loaded]):
-        want = _logits(params, TINY, tokens[row : row + 1])[0]
-        assert float(jnp.abs(got[row] - want).max()) < 1e-4, row
+    routed = lora.route(many, np.array([0, 1, 2, 0]))
+    merged = [base] + [lora.merge(base, ad, cfg) for ad, cfg in loaded]
+    for length in (10, 1):  # rows' own A and B gathered (prefill), or all read and one-hot picked (decode)
+        tokens = jnp.asarray(np.random.default_rng(5).integers(0, 256, (3, length)))
+        got = _logits(routed, TINY, tokens)
+        for row, params in enumerate(merged):
+            want = _logits(params, TINY, tokens[row : row + 1])[0]
+            assert float(jnp.abs(got[row] - want).max()) < 1e-4, (length, row)
     with pytest.raises(lora.AdapterError, match="one weight tree per layer"):
         lora.attach_many(base, dirs, TINY)
 
