@@ -163,10 +163,14 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        adapter: str | int | Sequence[str | int] = 0,
         **overrides: Any,
     ) -> Completion | list[Completion]:
         """Complete one prompt or a batch; a batch runs together, each sequence stopping on its own.
-        `sampling` is one setting for all prompts or one per prompt; keyword overrides apply to all."""
+        `sampling` is one setting for all prompts or one per prompt; keyword overrides apply to all.
+        `adapter`: the LoRA adapter (a name of `adapter_names`, or its 1-based index; 0: none) for
+        all prompts, or one per prompt."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         batch = [prompts] if single else list(prompts)
         if not batch:
@@ -175,10 +179,13 @@ class LLM:
         if len(per_prompt) != len(batch):
             raise ValueError(f"{len(per_prompt)} sampling settings for {len(batch)} prompts")
         settings = [_sampling(sp, overrides) for sp in per_prompt]
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(batch)
+        if len(adapters) != len(batch):
+            raise ValueError(f"{len(adapters)} adapters for {len(batch)} prompts")
         ids = [self.encode_prompt(p) for p in batch]
         for i in ids:
             self._check_length(i)
-        results = self._run(list(zip(ids, settings)))
+        results = self._run(list(zip(ids, settings, map(self.adapter_index, adapters))))
         return results[0] if single else results
 
     def generate_stream(self, prompt: Prompt, sampling: SamplingParams | None = None, **overrides: Any) -> Iterator[Event]:
@@ -190,15 +197,15 @@ class LLM:
 
     def chat(
         self, messages: list[dict], tools: list[dict] | None = None, sampling: SamplingParams | None = None,
-        **overrides: Any,
+        *, adapter: str | int = 0, **overrides: Any,
     ) -> ChatResponse:
-        """One assistant turn: content and parsed tool calls in OpenAI form."""
+        """One assistant turn: content and parsed tool calls in OpenAI form (`adapter`: as in generate)."""
         from .tool_calls import parse_tool_calls
 
         sampling = _sampling(sampling, overrides)
         ids = self.chat_format.encode_dialog(messages, tools)
         self._check_length(ids)
-        (completion,) = self._run([(ids, sampling)])
+        (completion,) = self._run([(ids, sampling, self.adapter_index(adapter))])
         content, calls = parse_tool_calls(completion.text, tools) if tools else (completion.text, [])
         reason = "tool_calls" if calls else completion.finish_reason
         return ChatResponse(content, calls, reason, completion)
@@ -246,14 +253,24 @@ class LLM:
         self.engine.release(slot)
 
     # ---- driving the scheduler ----
-    def _run(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[Completion]:
+    def adapter_index(self, adapter: str | int) -> int:
+        """The engine's index of a LoRA adapter given by name or 1-based index (0: none)."""
+        if isinstance(adapter, str):
+            if adapter not in self.adapter_names:
+                raise ValueError(f"no adapter {adapter!r}; loaded: {list(self.adapter_names)}")
+            return self.adapter_names.index(adapter) + 1
+        if not 0 <= adapter <= len(self.adapter_names):
+            raise ValueError(f"adapter {adapter} is outside [0, {len(self.adapter_names)}]")
+        return adapter
+
+    def _run(self, jobs: list[tuple[list[int], SamplingParams, int]]) -> list[Completion]:
         sched = self.scheduler
         if sched is None:
             raise ValueError("this checkpoint has no tokenizer: it cannot detokenize")
         start = time.perf_counter()
         reqs: list[Request] = []
         try:
-            reqs += [sched.add(Request(ids, sp)) for ids, sp in jobs]
+            reqs += [sched.add(Request(ids, sp, adapter=adapter)) for ids, sp, adapter in jobs]
             parts: dict[str, list[Event]] = {r.id: [] for r in reqs}
             while any(not r.done for r in reqs):
                 for e in sched.step():

@@ -159,10 +159,10 @@ class MultiLoraWeight:
     rows: jax.Array  # (at least the batch,) int32: each row's adapter (`route` sets it per call)
 
     def dense(self, equation: str, x: jax.Array, out_dtype: Any = None) -> jax.Array:
-        """With one token per row (decode), every adapter's A and B are read once and each row
-        keeps its own through a one-hot weighting: per-row copies of A and B would move more
-        bytes than the weights themselves at large batches. With many tokens per row (prefill),
-        each row's A and B are gathered instead, so the extra products stay those of one adapter."""
+        """With one token per row (decode) and at least as many rows as adapters (the base's
+        zeros included), every adapter's A and B are read once and each row keeps its own through
+        a one-hot weighting: per-row copies of A and B would move more bytes. Otherwise (prefill,
+        or few rows) each row's A and B are gathered, so the extra products stay one adapter's."""
         y = dense(equation, x, self.base, out_dtype=out_dtype)
         inputs, out = equation.split("->")
         xs, ws = inputs.split(",")
@@ -172,7 +172,7 @@ class MultiLoraWeight:
         kept = "".join(c for c in xs if c not in ws)
         r, n = [c for c in "rnzyxwvuqpomlkjigfedca" if c not in equation][:2]
         ids = self.rows[: x.shape[0]]
-        if x.shape[1] == 1:
+        if x.shape[1] == 1 and self.scale.shape[0] <= x.shape[0]:
             pick = (ids[:, None] == jnp.arange(self.scale.shape[0])) * self.scale  # (batch, N + 1)
             xa = jnp.einsum(f"{xs},{n}{contracted}{r}->{kept}{n}{r}", x, self.a.astype(x.dtype))
             update = jnp.einsum(f"{kept}{n}{r},{batch}{n},{n}{r}{produced}->{out}", xa, pick.astype(x.dtype),

@@ -36,11 +36,12 @@ def decode_rate(completions: list) -> float:
     return sum((c.completion_tokens - 1) / (c.duration - c.time_to_first_token) for c in completions)
 
 
-def best_rate(llm, prompts: list[list[int]], sampling, repeats: int) -> tuple[float, list]:
-    llm.generate(prompts, sampling)  # warm-up: compiles
+def best_rate(llm, prompts: list[list[int]], sampling, repeats: int, **generate: object) -> tuple[float, list]:
+    """The best decode rate of `repeats` runs of llm.generate(prompts, sampling, **generate)."""
+    llm.generate(prompts, sampling, **generate)  # warm-up: compiles
     best, last = 0.0, []
     for _ in range(repeats):
-        last = llm.generate(prompts, sampling)
+        last = llm.generate(prompts, sampling, **generate)
         assert all(c.completion_tokens == sampling.max_tokens for c in last), [c.finish_reason for c in last]
         best = max(best, decode_rate(last))
     return best, last

@@ -531,11 +531,18 @@ def test_serving_adapters_by_model_name(tiny_ckpt: Path, two_adapters) -> None:
     many = llama_jax.load(tiny_ckpt, lora_modules={"first": dirs[0], "second": dirs[1]}, **kw)
     cards, served = complete(many, ("base", "first", "second"))
     assert [(c["id"], c["parent"]) for c in cards] == [("base", None), ("first", "base"), ("second", "base")]
-    for got, adapters in zip(served, [None, *dirs]):
-        _, (want,) = complete(llama_jax.load(tiny_ckpt, adapters=adapters, **kw), ("base",))
+    prompt = body["prompt"][0]
+    for got, adapters, adapter in zip(served, [None, *dirs], [0, "first", "second"]):
+        single = llama_jax.load(tiny_ckpt, adapters=adapters, **kw)
+        _, (want,) = complete(single, ("base",))
         assert got["text"] == want["text"]
         assert got["logprobs"]["token_logprobs"][1:] == pytest.approx(want["logprobs"]["token_logprobs"][1:], abs=1e-4)
+        # The Python API picks adapters by name too.
+        assert (many.generate(prompt, max_tokens=6, temperature=0, adapter=adapter).token_ids
+                == single.generate(prompt, max_tokens=6, temperature=0).token_ids)
     assert len({c["text"] for c in served}) == 3  # the adapters change the answer
+    with pytest.raises(ValueError, match="no adapter 'third'"):
+        many.generate(prompt, max_tokens=2, adapter="third")
 
 
 def test_serve_script_parses_lora_modules() -> None:
