@@ -1095,3 +1095,33 @@ def test_responses_bad_requests(scripted_url: str, body: dict, param: str) -> No
     assert err["type"] == "invalid_request_error" and err["param"].startswith(param), err
     r = httpx.post(f"{scripted_url}/v1/responses", json={"model": "other", "input": "x"}, timeout=30)
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+# ---- /tokenize and /detokenize (vLLM's) ----
+
+
+def test_tokenize_counts_what_a_request_would_run(scripted: openai.OpenAI, scripted_url: str,
+                                                  scripted_llm: LLM) -> None:
+    def post(path: str, **body: Any) -> httpx.Response:
+        return httpx.post(f"{scripted_url}{path}", json={"model": SCRIPTED, **body}, timeout=30)
+
+    r = post("/tokenize", prompt="Hello <|eot_id|> world", return_token_strs=True).json()
+    assert r["tokens"] == scripted_llm.encode_prompt("Hello <|eot_id|> world") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == scripted_llm.max_seq_len and "".join(r["token_strs"][1:]) == "Hello <|eot_id|> world"
+    bare = post("/tokenize", prompt="Hello", add_special_tokens=False).json()["tokens"]
+    assert bare == scripted_llm.tokenizer.encode("Hello")
+    chat = post("/tokenize", messages=USER, tools=[WEATHER]).json()
+    assert chat["tokens"] == scripted_llm.chat_format.encode_dialog(USER, [WEATHER])
+    with script(scripted_llm, "Hi."):
+        usage = scripted.chat.completions.create(model=SCRIPTED, messages=USER, tools=[WEATHER]).usage
+    assert usage.prompt_tokens == chat["count"]
+    no_header = post("/tokenize", messages=USER, add_generation_prompt=False).json()
+    assert no_header["tokens"] == scripted_llm.chat_format.encode_dialog(USER, add_generation_prompt=False)
+    assert post("/detokenize", tokens=bare).json() == {"prompt": "Hello"}
+    for path, body, param in [("/tokenize", {"prompt": "x", "messages": USER}, None),
+                              ("/tokenize", {"prompt": "x", "tools": [WEATHER]}, None),
+                              ("/tokenize", {"prompt": ""}, "prompt"),
+                              ("/detokenize", {"tokens": [10**7]}, "tokens")]:
+        r = post(path, **body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert httpx.post(f"{scripted_url}/tokenize", json={"model": "other", "prompt": "x"}).status_code == 404

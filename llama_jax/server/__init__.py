@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn): `create_app(llm)`, run by `scripts/serve.py`.
 
 Endpoints: POST /v1/chat/completions, /v1/completions and /v1/responses (whole or streamed as
-server-sent events), GET /v1/models, /health, /metrics (Prometheus). Requests go through the LLM's
+server-sent events), POST /tokenize and /detokenize, GET /v1/models, /health, /metrics (Prometheus). Requests go through the LLM's
 continuous-batching scheduler, driven by one engine thread (worker.py); errors come back in
 OpenAI's `{"error": {...}}` shape (errors.py). Field policy: protocol.py; tool_choice: chat.py.
 

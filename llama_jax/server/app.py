@@ -21,8 +21,18 @@ from .completions import create_completion
 from .errors import APIError, send_error
 from .generation import ServerContext
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from .responses import ResponsesRequest, create_response
+from .tokens import detokenize, tokenize
 from .worker import EngineWorker
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
@@ -81,6 +91,14 @@ def create_app(
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         return await create_response(ctx, body, request)
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
+        return await tokenize(ctx, body)
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await detokenize(ctx, body)
 
     def card(adapter: int = 0) -> ModelCard:
         if adapter == 0:

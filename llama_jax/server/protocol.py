@@ -423,6 +423,36 @@ class CompletionRequest(_SamplingFields):
         return self.max_tokens
 
 
+class TokenizeRequest(_Input):
+    """vLLM's /tokenize: a raw prompt, or messages rendered by the chat format."""
+
+    model: Text
+    prompt: Text | None = None
+    add_special_tokens: StrictBool = True  # the BOS a completion's prompt gets
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    tools: list[ToolDef] | None = None
+    add_generation_prompt: StrictBool = True  # end with the assistant's header, as a chat request does
+    return_token_strs: StrictBool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        return _no_surrogates(data)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give prompt or messages, not both")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools go with messages")
+        return self
+
+
+class DetokenizeRequest(_Input):
+    model: Text
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]
+
+
 # ---- responses ----
 
 
@@ -579,6 +609,17 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ErrorBody(BaseModel):
