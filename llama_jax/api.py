@@ -128,8 +128,7 @@ class LLM:
         tokens = jnp.asarray(np.asarray(tokens, dtype=np.int32))
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (batch, length), got shape {tokens.shape}")
-        if not 0 <= adapter <= self.engine.adapters:
-            raise ValueError(f"adapter {adapter} is outside [0, {self.engine.adapters}]")
+        adapter = self.adapter_index(adapter)
         params = self.params
         if self.engine.adapters:
             params = lora.route(params, np.full((tokens.shape[0],), adapter, np.int32))

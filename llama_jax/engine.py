@@ -172,7 +172,6 @@ class Engine:
         # Several LoRA adapters (lora.attach_many): each call routes its rows to their slots' adapters.
         self.adapters = lora.adapter_count(params)
         self._route_rows = 1 << (max_slots - 1).bit_length()  # the most rows a call has
-        self._adapter = np.zeros((max_slots,), np.int32)  # each slot's adapter
         self.feature_major_decode = feature_major_decode
         self.cache, self.sampler, self.tokens, self.positions = self._new_state()
         # Host mirror: position of each slot's last token, or None when the slot is free.
@@ -183,7 +182,7 @@ class Engine:
         # history[s, :history_len[s]] (prompt, then every token fed to decode), kept after release.
         self._history = np.zeros((max_slots, self.max_seq_len), np.int32)
         self._history_len = np.zeros((max_slots,), np.int64)
-        self._history_adapter = np.zeros((max_slots,), np.int32)  # the adapter that wrote them
+        self._adapter = np.zeros((max_slots,), np.int32)  # the adapter that wrote them (and decodes the slot)
         self._last = np.zeros((max_slots,), np.int32)  # each live slot's next decode input
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(12, 13), donate_argnums=(1, 2), **prefill_sh)
         self._decode = jax.jit(self._decode_fn, static_argnums=(7, 8, 9, 10), donate_argnums=(1, 2, 3, 4), **decode_sh)
@@ -275,7 +274,7 @@ class Engine:
         computes them (keys and values differ between adapters), leaving at least one to prefill
         (its logits give the first token)."""
         n = min(int(self._history_len[slot]), len(prompt) - 1)
-        if n <= 0 or self._history_adapter[slot] != adapter:
+        if n <= 0 or self._adapter[slot] != adapter:
             return 0
         differ = np.flatnonzero(self._history[slot, :n] != np.asarray(prompt[:n], np.int32))
         return int(differ[0]) if differ.size else n
@@ -293,7 +292,7 @@ class Engine:
         self.cache = self._copy(self.cache, jnp.int32(src), jnp.int32(dst), jnp.int32(n), self.kv_window_for(n))
         self._history[dst, :n] = self._history[src, :n]
         self._history_len[dst] = n
-        self._history_adapter[dst] = self._history_adapter[src]
+        self._adapter[dst] = self._adapter[src]
 
     def _record(self, slot: int, start: int, tokens: Sequence[int]) -> None:
         """The cache rows of `slot` from position `start` on now hold `tokens` (past the end: dropped)."""
@@ -381,11 +380,10 @@ class Engine:
         allowed = np.full((n, mask_words(vocab)), -1, np.int32)  # every token
         rows = [row_values(j.sampling, j.seed) for j, _ in pieces]
         rows += [rows[0]] * (n - len(pieces))
-        adapters = np.zeros((self._route_rows,), np.int32)
         for r, (j, s) in enumerate(pieces):
             piece = j.prompt[s : s + bucket]
             self._record(j.slot, s, piece)
-            self._adapter[j.slot] = self._history_adapter[j.slot] = adapters[r] = j.adapter
+            self._adapter[j.slot] = j.adapter
             tokens[r, : len(piece)] = piece
             start[r], length[r], slots[r] = s, len(piece), j.slot
             seen[r, np.asarray(j.prompt)] = True
@@ -395,7 +393,7 @@ class Engine:
                 allowed[r] = j.allowed
         values = {k: jnp.asarray(np.stack([v[k] for v in rows])) for k in rows[0]}
         self.cache, self.sampler, out = self._prefill(
-            self._routed(self.params, adapters), self.cache, self.sampler, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(length),
+            self._routed(self.params, [j.adapter for j, _ in pieces]), self.cache, self.sampler, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(length),
             jnp.asarray(slots), values, jnp.asarray(seen), jnp.asarray(bias), jnp.asarray(stops), jnp.asarray(allowed),
             self.kv_window_for(int(start.max()) + bucket), want_lp,
         )
@@ -447,14 +445,17 @@ class Engine:
         rows = self.decode_rows()
         window = self.kv_window_for(max(live) + steps)
         blocks = self._decode_blocks(rows, steps, window)
-        adapters = np.zeros((self._route_rows,), np.int32)
-        adapters[: self.max_slots] = self._adapter
-        return (self._routed(self._decode_params, adapters), self.cache, self.sampler, self.tokens, self.positions,
+        return (self._routed(self._decode_params, self._adapter), self.cache, self.sampler, self.tokens, self.positions,
                 *(blocks or self._no_blocks), steps, None if blocks else window, want_logprobs, rows)
 
-    def _routed(self, params: Params, adapters: np.ndarray) -> Params:
-        """`params` whose batch row i runs LoRA adapter adapters[i], if several are held."""
-        return lora.route(params, adapters) if self.adapters else params
+    def _routed(self, params: Params, adapters: Sequence[int]) -> Params:
+        """`params` whose batch row i runs LoRA adapter adapters[i] (rows past them: none), if
+        several are held; the routing array has one length for every call, so nothing recompiles."""
+        if not self.adapters:
+            return params
+        rows = np.zeros((self._route_rows,), np.int32)
+        rows[: len(adapters)] = adapters
+        return lora.route(params, rows)
 
     def _decode_blocks(self, rows: int, steps: int, window: int) -> tuple[jax.Array, jax.Array] | None:
         """The (rows, starts) block list of a decode of `steps` tokens for the first `rows` slots

@@ -57,6 +57,7 @@ from .protocol import (
 )
 from .worker import Submission
 
+
 REQUIRED_INSTRUCTION = "Answer by calling one or more of the provided functions."
 NAMED_INSTRUCTION = "Answer by calling the function `{name}`."
 

@@ -25,15 +25,8 @@ from .generation import (
     sse,
     sse_response,
 )
-from .protocol import (
-    Completion,
-    CompletionChoice,
-    CompletionRequest,
-    LegacyLogprobs,
-    Usage,
-    new_id,
-    now,
-)
+from .protocol import Completion, CompletionChoice, CompletionRequest, LegacyLogprobs, Usage, new_id, now
+
 
 # Echoed prompt log-probabilities need the float32 logits of the whole (padded) prompt at once.
 PROMPT_LOGPROBS_MAX_ELEMENTS = 1 << 26  # 256 MiB

@@ -18,12 +18,7 @@ from ..structured import StructuredOutput
 from ..tokenizer import Tokenizer
 from .errors import APIError, bad_request, error_body
 from .metrics import ServerMetrics
-from .protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    TokenLogprobOut,
-    TopLogprob,
-)
+from .protocol import ChatCompletionRequest, CompletionRequest, TokenLogprobOut, TopLogprob
 from .worker import EngineFailure, EngineWorker, Submission
 
 log = logging.getLogger(__name__)

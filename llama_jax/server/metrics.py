@@ -4,13 +4,7 @@ by the HTTP middleware and by the engine thread as events come out."""
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..scheduler import Event, Request, Scheduler
 
