@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+API_KEY_ENV = "LLAMA_JAX_API_KEY"  # read when --api-key is not given (a key on the command line shows in `ps`)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", choices=["xla", "pallas"], default="xla")
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="prefill every prompt whole, even when a free slot's cache holds its start")
+    p.add_argument("--api-key", nargs="+", metavar="KEY", default=[],
+                   help="require 'Authorization: Bearer KEY' (any of these) on every route but /health and "
+                        f"/metrics; default: the {API_KEY_ENV} environment variable, else no key")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body (413 beyond)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the common shapes before serving")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -85,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--lora-modules names {name!r} twice")
         modules[name] = path
     args.lora_modules = modules
+    if not args.api_key and os.environ.get(API_KEY_ENV):
+        args.api_key = [os.environ[API_KEY_ENV]]
+    if any(not key.strip() for key in args.api_key):
+        p.error("--api-key: a key is empty")
     return args
 
 
@@ -147,11 +157,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"warm-up (compiling) took {warm_up(llm):.1f}s", file=sys.stderr)
         try:
             app = create_app(llm, model_name=args.model_name, max_queue=args.max_queue,
-                             max_body_bytes=int(args.max_body_mb * (1 << 20)))
+                             max_body_bytes=int(args.max_body_mb * (1 << 20)), api_keys=args.api_key)
         except ValueError as e:  # e.g. an adapter named like the model
             sys.exit(f"error: {e}")
         served = ", ".join(repr(m) for m in (app.state.ctx.model_name, *app.state.ctx.adapter_names))
         print(f"serving {served} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+        if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: no API key: anyone who reaches {args.host}:{args.port} can use the server "
+                  f"(--api-key or {API_KEY_ENV})", file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         if leader is not None:

@@ -551,3 +551,14 @@ def test_serve_script_parses_lora_modules() -> None:
     for bad in (["--lora-modules", "a"], ["--lora-modules", "a=x", "a=y"], ["--lora-modules", "=x"]):
         with pytest.raises(SystemExit):
             serve.parse_args(bad)
+
+
+def test_serve_script_takes_api_keys_from_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    serve = _load_script("serve")
+    monkeypatch.delenv(serve.API_KEY_ENV, raising=False)
+    assert serve.parse_args([]).api_key == []
+    monkeypatch.setenv(serve.API_KEY_ENV, "from-env")
+    assert serve.parse_args([]).api_key == ["from-env"]
+    assert serve.parse_args(["--api-key", "a", "b"]).api_key == ["a", "b"]  # the flag wins
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--api-key", " "])

@@ -134,14 +134,18 @@ class ScriptedEngine:
         self._left.clear()
 
 
-@pytest.fixture(scope="module")
-def scripted_llm(tiny_llm: LLM) -> LLM:
+def make_scripted(tiny_llm: LLM) -> LLM:
     tok = tiny_llm.tokenizer
     llm = LLM(tiny_llm.config, tiny_llm.params, tok, max_slots=4, max_seq_len=64)
     llm.engine = ScriptedEngine(tiny_llm.config, max_slots=4, max_seq_len=2048, decode_steps=4,
                                 eot=tok.special_tokens["<|eot_id|>"])
     llm.scheduler = Scheduler(llm.engine, tok, prefix_reuse=False)  # the script has no cache to reuse
     return llm
+
+
+@pytest.fixture(scope="module")
+def scripted_llm(tiny_llm: LLM) -> LLM:
+    return make_scripted(tiny_llm)
 
 
 @contextlib.contextmanager
@@ -812,6 +816,34 @@ def test_one_server_per_llm(scripted_llm: LLM, scripted_url: str) -> None:
     with pytest.raises(RuntimeError, match="already driven"):
         with TestClient(create_app(scripted_llm, model_name="again")):
             pass
+
+
+def test_api_keys(tiny_llm: LLM) -> None:
+    llm = make_scripted(tiny_llm)
+    with live(create_app(llm, model_name=SCRIPTED, api_keys=["k-one", "k-two"], max_body_bytes=1000)) as u:
+        for key in ("k-one", "k-two"):
+            client = openai.OpenAI(base_url=f"{u}/v1", api_key=key, max_retries=0, timeout=60)
+            with script(llm, "Hello there"):
+                reply = client.chat.completions.create(model=SCRIPTED, messages=[{"role": "user", "content": "Hi"}])
+            assert reply.choices[0].message.content == "Hello there"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{u}/v1", api_key="k-on", max_retries=0).models.list()
+        chat = {"model": SCRIPTED, "messages": [{"role": "user", "content": "Hi"}]}
+        for headers in ({}, {"Authorization": "k-one"}, {"Authorization": "Basic k-one"},
+                        {"Authorization": "Bearer k-one-and-more"}):
+            for path in ("/v1/chat/completions", "/v1/responses", "/tokenize", "/nowhere"):
+                r = httpx.post(f"{u}{path}", json=chat, headers=headers)
+                assert_error(r, 401, param=None)
+                assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+        # Refused before the body is read: no 413 for a body over the limit without a key.
+        assert httpx.post(f"{u}/v1/completions", content=b"x" * 5000).status_code == 401
+        assert httpx.post(f"{u}/v1/completions", content=b"x" * 5000,
+                          headers={"Authorization": "Bearer k-two"}).status_code == 413
+        assert httpx.get(f"{u}/v1/models", headers={"Authorization": "bearer  k-two"}).status_code == 200
+        assert httpx.get(f"{u}/health").status_code == 200  # probes and Prometheus need no key
+        assert 'endpoint="/v1/chat/completions",status="401"' in httpx.get(f"{u}/metrics").text
+    with pytest.raises(ValueError, match="empty"):
+        create_app(llm, api_keys=[""])
 
 
 def test_metrics(url: str) -> None:

@@ -7,8 +7,9 @@ owns `llm.scheduler` while it runs: do not call `llm.generate` on the same LLM m
 from __future__ import annotations
 
 import contextlib
+import hmac
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -49,12 +50,17 @@ def create_app(
     model_name: str | None = None,
     max_queue: int | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    api_keys: Sequence[str] = (),
 ) -> FastAPI:
     """An OpenAI-compatible app serving `llm` (a `llama_jax.api.LLM` with a tokenizer).
 
     `max_queue`: requests that may wait for a slot (beyond it: 503); None keeps the scheduler's.
     `max_body_bytes`: larger request bodies get 413.
+    `api_keys`: when given, every route but /health and /metrics needs `Authorization: Bearer KEY`
+    with one of them (401 otherwise).
     """
+    if any(not key for key in api_keys):
+        raise ValueError("an API key is empty")
     if llm.scheduler is None:
         raise ValueError("the LLM has no tokenizer, so it cannot be served")
     if max_queue is not None:
@@ -128,8 +134,37 @@ def create_app(
 
     known = {route.path for route in app.routes}  # type: ignore[attr-defined]
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_keys:  # outside BodyLimit: a request without a key is refused before its body is read
+        app.add_middleware(RequireKey, keys=api_keys, open_paths={"/health", "/metrics"})
     app.add_middleware(CountRequests, metrics=metrics, known=known)
     return app
+
+
+class RequireKey:
+    """Answers 401 unless the request carries `Authorization: Bearer KEY` with one of `keys`
+    (compared in constant time); `open_paths` need none (probes, Prometheus)."""
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str], open_paths: set[str]):
+        self.app = app
+        self.keys = [key.strip().encode() for key in keys]
+        self.open_paths = open_paths
+
+    def _allowed(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        token = token.strip()
+        # Every key is compared (a list, not a short-circuiting generator): the time taken does not
+        # depend on which key, if any, matched.
+        return any([hmac.compare_digest(token, key) for key in self.keys])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths or self._allowed(scope):
+            return await self.app(scope, receive, send)
+        await send_error(send, APIError(401, "a valid API key is needed: send 'Authorization: Bearer <key>'",
+                                        code="invalid_api_key"),
+                         headers=[(b"www-authenticate", b"Bearer")])
 
 
 class BodyLimit:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,7 +15,7 @@ from starlette.types import Send
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
           413: "invalid_request_error", 503: "server_error", 500: "server_error"}
 
 
@@ -44,10 +44,10 @@ def error_response(err: APIError) -> Response:
     return Response(error_body(err), status_code=err.status, media_type="application/json")
 
 
-async def send_error(send: Send, err: APIError) -> None:
+async def send_error(send: Send, err: APIError, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """Answer from ASGI middleware, before the app runs."""
     body = error_body(err)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
