@@ -196,29 +196,35 @@ class LLM:
 
     def chat(
         self, messages: list[dict], tools: list[dict] | None = None, sampling: SamplingParams | None = None,
-        *, adapter: str | int = 0, **overrides: Any,
+        *, adapter: str | int = 0, continue_final_message: bool = False, **overrides: Any,
     ) -> ChatResponse:
-        """One assistant turn: content and parsed tool calls in OpenAI form (`adapter`: as in generate)."""
+        """One assistant turn: content and parsed tool calls in OpenAI form (`adapter`: as in generate).
+        `continue_final_message`: the last message is the start of the assistant's answer, and the
+        model goes on writing it (the response holds what it adds)."""
         from .tool_calls import parse_tool_calls
 
         sampling = _sampling(sampling, overrides)
-        ids = self.chat_format.encode_dialog(messages, tools)
+        ids = self._dialog_ids(messages, tools, continue_final_message)
         self._check_length(ids)
         (completion,) = self._run([(ids, sampling, self.adapter_index(adapter))])
         content, calls = parse_tool_calls(completion.text, tools) if tools else (completion.text, [])
         reason = "tool_calls" if calls else completion.finish_reason
         return ChatResponse(content, calls, reason, completion)
 
+    def _dialog_ids(self, messages: list[dict], tools: list[dict] | None, continue_final_message: bool) -> list[int]:
+        return self.chat_format.encode_dialog(messages, tools, add_generation_prompt=not continue_final_message,
+                                              continue_final_message=continue_final_message)
+
     def chat_stream(
         self, messages: list[dict], tools: list[dict] | None = None, sampling: SamplingParams | None = None,
-        **overrides: Any,
+        *, continue_final_message: bool = False, **overrides: Any,
     ) -> Iterator[dict]:
         """Yield OpenAI-style deltas ({"content": …} or {"tool_calls": […]}), then
         {"finish_reason": …, "usage": {"prompt_tokens": …, "completion_tokens": …, "cached_tokens": …}}."""
         from .tool_calls import StreamingToolParser
 
         sampling = _sampling(sampling, overrides)
-        ids = self.chat_format.encode_dialog(messages, tools)
+        ids = self._dialog_ids(messages, tools, continue_final_message)
         self._check_length(ids)
         parser = StreamingToolParser(tools) if tools else None
         saw_call = False

@@ -138,6 +138,17 @@ def validate_messages(messages: Any) -> list[Message]:
 _Segment = int | str  # a special token id, or text
 
 
+def final_message_to_continue(msgs: list[Message], add_generation_prompt: bool) -> str:
+    """The text of the final message, checked to be one the model can go on writing."""
+    if add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt exclude each other")
+    last = msgs[-1]
+    if last.role != "assistant" or last.tool_calls or not last.text.strip():
+        raise ValueError("continue_final_message needs the last message to be an assistant message with text "
+                         "(and no tool calls)")
+    return last.text
+
+
 def _tojson_html(value: Any) -> str:
     # Jinja's own tojson (which Meta's prompt templates use): sorted keys, ASCII, HTML-safe.
     text = json.dumps(value, sort_keys=True)
@@ -268,22 +279,25 @@ class ChatFormat:
         self._eot, self._eom, self._python = ids["<|eot_id|>"], ids["<|eom_id|>"], ids["<|python_tag|>"]
 
     def encode_dialog(
-        self, messages: list[dict], tools: list[dict | str] | None = None, *, add_generation_prompt: bool = True
+        self, messages: list[dict], tools: list[dict | str] | None = None, *, add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[int]:
         """Token ids of the dialog, starting with <|begin_of_text|>; with the assistant header to
-        complete at the end if `add_generation_prompt`."""
+        complete at the end if `add_generation_prompt`; or, if `continue_final_message`, ending
+        inside the final (assistant) message, which the model then goes on writing."""
         ids: list[int] = []
-        for seg in self._segments(messages, tools, add_generation_prompt):
+        for seg in self._segments(messages, tools, add_generation_prompt, continue_final_message):
             ids += [seg] if isinstance(seg, int) else self.tokenizer.encode(seg)
         return ids
 
     def render(
-        self, messages: list[dict], tools: list[dict | str] | None = None, *, add_generation_prompt: bool = True
+        self, messages: list[dict], tools: list[dict | str] | None = None, *, add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> str:
         """The prompt as text, special tokens written out."""
         return "".join(
             s if isinstance(s, str) else self.tokenizer.decode([s])
-            for s in self._segments(messages, tools, add_generation_prompt)
+            for s in self._segments(messages, tools, add_generation_prompt, continue_final_message)
         )
 
     # -- building blocks --
@@ -295,8 +309,12 @@ class ChatFormat:
     def _header(self, role: str) -> list[_Segment]:
         return [self._start, role, self._end, "\n\n"]
 
-    def _segments(self, messages: list[dict], tools: list[dict | str] | None, gen: bool) -> list[_Segment]:
+    def _segments(
+        self, messages: list[dict], tools: list[dict | str] | None, gen: bool, cont: bool = False
+    ) -> list[_Segment]:
         msgs = validate_messages(messages)
+        if cont:
+            final_message_to_continue(msgs, gen)
         specs = declared_tools(tools)
         builtin = [s.name for s in specs if s.builtin]
         custom = [s for s in specs if not s.builtin]
@@ -304,6 +322,9 @@ class ChatFormat:
         rest = msgs[1:] if system is not None else msgs
         build = self._meta if self.style == "meta" else self._hf
         segs = build(rest, system, builtin, custom)
+        if cont:
+            assert segs[-1] == self._eot
+            segs.pop()  # the final message stays open
         if gen:
             segs += self._header("assistant")
         if self.style == "hf":  # the template is one string: adjacent text is tokenized together
@@ -483,10 +504,13 @@ class JinjaChatFormat:
         return now.strftime(fmt)
 
     def render(
-        self, messages: list[dict], tools: list[dict | str] | None = None, *, add_generation_prompt: bool = True
+        self, messages: list[dict], tools: list[dict | str] | None = None, *, add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> str:
-        """The template's text for the dialog."""
+        """The template's text for the dialog; with `continue_final_message`, cut right after the
+        final message's text (where the template put it), so the model goes on writing it."""
         msgs = validate_messages(messages)
+        final = final_message_to_continue(msgs, add_generation_prompt) if continue_final_message else None
         declared_tools(tools)
         tok = self.tokenizer
         context = {
@@ -498,16 +522,25 @@ class JinjaChatFormat:
             "eos_token": tok.decode([tok.eos_id]) if tok.eos_id is not None else "",
         }
         try:
-            return self._template.render(context)
+            text = self._template.render(context)
         except ChatTemplateError:
             raise
         except Exception as e:  # an untrusted template can fail in any way; report it as the template's fault
             raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
+        if final is None:
+            return text
+        for piece in (final, final.strip()):  # templates often trim message text
+            at = text.rfind(piece)
+            if at >= 0:
+                return text[: at + len(piece)]
+        raise ChatTemplateError("continue_final_message: the chat template does not write the final message's text")
 
     def encode_dialog(
-        self, messages: list[dict], tools: list[dict | str] | None = None, *, add_generation_prompt: bool = True
+        self, messages: list[dict], tools: list[dict | str] | None = None, *, add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[int]:
-        text = self.render(messages, tools, add_generation_prompt=add_generation_prompt)
+        text = self.render(messages, tools, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message)
         return self.tokenizer.encode(text, allow_special=True)
 
 

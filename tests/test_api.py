@@ -44,6 +44,11 @@ def test_chat_answers_and_stops_on_end_of_turn(llm):
     assert "Paris" in reply.content
     assert reply.finish_reason == "stop" and reply.tool_calls == []
     assert reply.completion.completion_tokens < 40
+    # A prefilled answer: the model goes on from the assistant's unfinished text.
+    prefilled = [{"role": "user", "content": "What is the capital of France?"},
+                 {"role": "assistant", "content": "The capital of France is"}]
+    more = llm.chat(prefilled, temperature=0, max_tokens=8, continue_final_message=True)
+    assert more.content.lstrip().startswith("Paris"), more.content
 
 
 def test_batch_equals_alone_and_stream_equals_whole(llm):

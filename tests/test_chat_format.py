@@ -355,6 +355,34 @@ def test_validation_errors(tok, messages, tools, match):
             cf.encode_dialog(messages, tools)
 
 
+PREFILLED = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+             {"role": "assistant", "content": "My answer is "}]
+
+
+def test_continue_final_message(tok):
+    # Meta's format encodes each message's text on its own: the prompt is the dialog up to the new
+    # assistant header, then the prefilled text, the turn left open.
+    meta = ChatFormat(tok, today=MD_DATE)
+    ids = meta.encode_dialog(PREFILLED, continue_final_message=True, add_generation_prompt=False)
+    assert ids == meta.encode_dialog(PREFILLED[:2]) + tok.encode("My answer is ")
+    assert meta.render(PREFILLED, add_generation_prompt=False, continue_final_message=True).endswith(
+        H.format("assistant") + "My answer is ")
+    # The HF template trims message text, so the continuation starts after "is", as transformers'
+    # apply_chat_template(continue_final_message=True) leaves it.
+    hf = ChatFormat(tok, style="hf", today=MD_DATE)
+    text = hf.render(PREFILLED, add_generation_prompt=False, continue_final_message=True)
+    assert text == hf.render(PREFILLED[:2]) + "My answer is"
+    assert hf.encode_dialog(PREFILLED, add_generation_prompt=False, continue_final_message=True) == tok.encode(
+        text, allow_special=True)
+    for cf in (meta, hf):
+        with pytest.raises(ValueError, match="exclude each other"):
+            cf.encode_dialog(PREFILLED, continue_final_message=True)
+        for dialog in (PREFILLED[:2], [*PREFILLED[:2], {"role": "assistant", "content": " "}],
+                       [*PREFILLED[:2], {"role": "assistant", "tool_calls": [call("f", {})]}]):
+            with pytest.raises(ValueError, match="last message to be an assistant message with text"):
+                cf.encode_dialog(dialog, add_generation_prompt=False, continue_final_message=True)
+
+
 def test_not_a_llama3_tokenizer(smol_gguf):
     with pytest.raises(ValueError, match="no <|begin_of_text|> token"):
         ChatFormat(load_tokenizer(smol_gguf))
@@ -398,6 +426,20 @@ def test_smollm2_template_matches_transformers(smol, smol_ref, chat, gen):
     assert text == smol_ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
     ids = smol_ref.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen)
     assert cf.encode_dialog(chat, add_generation_prompt=gen) == (ids if isinstance(ids, list) else ids["input_ids"])
+
+
+@pytest.mark.parametrize("final", ["The answer is", "The answer is \n", "Grüße 🎉"])
+def test_smollm2_continue_final_message_matches_transformers(smol, smol_ref, final):
+    chat = [*CHATS[1], {"role": "assistant", "content": final}]
+    cf = chat_format_for(smol)
+    text = cf.render(chat, add_generation_prompt=False, continue_final_message=True)
+    assert text == smol_ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=False,
+                                                continue_final_message=True)
+    assert cf.encode_dialog(chat, add_generation_prompt=False, continue_final_message=True) == smol.encode(
+        text, allow_special=True)
+    with pytest.raises(ChatTemplateError, match="does not write the final message"):
+        JinjaChatFormat(smol, "{% for m in messages %}{{ m.role }}{% endfor %}").render(
+            chat, add_generation_prompt=False, continue_final_message=True)
 
 
 TOOL_TEMPLATE = (

@@ -355,6 +355,23 @@ def test_completions_echo_and_logprobs(client: openai.OpenAI, tiny_llm: LLM) -> 
 # released slots keep their temperature. With max_tokens=1 only the prefill samples, for one row.)
 
 
+def test_continue_final_message(client: openai.OpenAI, url: str, tiny_llm: LLM) -> None:
+    messages = [{"role": "user", "content": "Count with me."}, {"role": "assistant", "content": "One, two,"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                           extra_body={"continue_final_message": True})
+    ids = tiny_llm.chat_format.encode_dialog(messages, add_generation_prompt=False, continue_final_message=True)
+    same = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    assert reply.choices[0].message.content == same.choices[0].text
+    assert reply.usage.prompt_tokens == len(ids) == same.usage.prompt_tokens
+    counted = httpx.post(f"{url}/tokenize", json={"model": MODEL, "messages": messages, "continue_final_message": True})
+    assert counted.json()["tokens"] == ids
+    for body, message in [({"messages": messages, "continue_final_message": True, "add_generation_prompt": True},
+                           "exclude each other"),
+                          ({"messages": messages[:1], "continue_final_message": True}, "assistant message with text")]:
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, **body})
+        assert message in assert_error(r, 400)["message"]
+
+
 def test_n_and_seeds(client: openai.OpenAI) -> None:
     kw = dict(model=MODEL, messages=USER, max_tokens=1, temperature=1.0, seed=1234)
     three = client.chat.completions.create(**kw, n=3)

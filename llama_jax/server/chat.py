@@ -135,7 +135,9 @@ async def start_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatJob
     except ValueError as e:
         raise bad_request(f"this model has no chat format: {e}") from None
     try:
-        ids = await asyncio.to_thread(chat_format.encode_dialog, messages, tools)
+        ids = await asyncio.to_thread(chat_format.encode_dialog, messages, tools,
+                                      add_generation_prompt=body.generation_prompt,
+                                      continue_final_message=body.continue_final_message)
     except ValueError as e:
         raise bad_request(str(e), "messages") from None
     samplings = sampling_params(body, len(ids), ctx.max_seq_len, prompt_param="messages",

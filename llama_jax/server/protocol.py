@@ -344,6 +344,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     modalities: list[Literal["text"]] | None = None
+    # vLLM's: end the prompt with the assistant's header (default), or inside the final assistant
+    # message, which the model then goes on writing (a prefilled answer).
+    add_generation_prompt: StrictBool | None = None
+    continue_final_message: StrictBool = False
     # Accepted and without effect here: storage, routing, latency and reasoning hints.
     store: StrictBool | None = None
     prediction: dict[str, Any] | None = None
@@ -378,6 +382,20 @@ class ChatCompletionRequest(_SamplingFields):
         if top and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
         return top
+
+    @model_validator(mode="after")
+    def _one_ending(self) -> "ChatCompletionRequest":
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt exclude each other")
+        return self
+
+    @property
+    def generation_prompt(self) -> bool:
+        """Whether the prompt ends with a new assistant header (add_generation_prompt, by default
+        unless the final message is continued)."""
+        if self.add_generation_prompt is None:
+            return not self.continue_final_message
+        return self.add_generation_prompt
 
     @property
     def output_limit(self) -> int | None:
@@ -431,7 +449,8 @@ class TokenizeRequest(_Input):
     add_special_tokens: StrictBool = True  # the BOS a completion's prompt gets
     messages: Annotated[list[Message], Field(min_length=1)] | None = None
     tools: list[ToolDef] | None = None
-    add_generation_prompt: StrictBool = True  # end with the assistant's header, as a chat request does
+    add_generation_prompt: StrictBool | None = None  # as in a chat request
+    continue_final_message: StrictBool = False
     return_token_strs: StrictBool = False
 
     @model_validator(mode="before")
@@ -445,6 +464,8 @@ class TokenizeRequest(_Input):
             raise ValueError("give prompt or messages, not both")
         if self.tools is not None and self.messages is None:
             raise ValueError("tools go with messages")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt exclude each other")
         return self
 
 

@@ -21,10 +21,13 @@ async def tokenize(ctx: ServerContext, body: TokenizeRequest) -> TokenizeRespons
     ctx.check_model(body.model)
     try:
         if body.messages is not None:
-            chat = ChatCompletionRequest(model=body.model, messages=body.messages, tools=body.tools)
+            chat = ChatCompletionRequest(model=body.model, messages=body.messages, tools=body.tools,
+                                         add_generation_prompt=body.add_generation_prompt,
+                                         continue_final_message=body.continue_final_message)
             messages, tools = dialog(chat)
             ids = await asyncio.to_thread(ctx.llm.chat_format.encode_dialog, messages, tools,
-                                          add_generation_prompt=body.add_generation_prompt)
+                                          add_generation_prompt=chat.generation_prompt,
+                                          continue_final_message=chat.continue_final_message)
         elif body.add_special_tokens:
             ids = await asyncio.to_thread(ctx.llm.encode_prompt, body.prompt)
         else:
