@@ -222,9 +222,11 @@ def _truncate(logits: jax.Array, s: SamplerState) -> jax.Array:
     # top-k first; top-p and min-p then act on the renormalised top-k distribution.
     sorted_logits = jnp.where(in_top_k, jnp.take_along_axis(logits, order, axis=-1), -jnp.inf)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep a token if the mass before it is below top_p (the top token always stays).
+    # Keep a token if the mass before it is below top_p (the top token always stays); top_p = 1
+    # keeps all, even where rounding takes the running sum to 1 early.
     before = jnp.cumsum(probs, axis=-1) - probs
-    keep = in_top_k & (before < s.top_p[:, None]) & (probs >= s.min_p[:, None] * probs[:, :1])
+    in_top_p = (before < s.top_p[:, None]) | (s.top_p >= 1)[:, None]
+    keep = in_top_k & in_top_p & (probs >= s.min_p[:, None] * probs[:, :1])
     keep_sorted = keep | (rank == 0)
     keep_orig = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
     return jnp.where(keep_orig, logits, -jnp.inf)
@@ -236,13 +238,15 @@ def sample(logits: jax.Array, s: SamplerState, positions: jax.Array) -> jax.Arra
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sampled() -> jax.Array:
-        temp = jnp.maximum(s.temperature, 1e-6)[:, None]
-        truncated = _truncate(logits / temp, s)
+        tempered = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+        # The sort behind top-k, top-p and min-p only runs when a sampling row sets one of them.
+        cut = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0)))
+        truncated = jax.lax.cond(cut, lambda: _truncate(tempered, s), lambda: tempered)
         keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, positions)
         picks = jax.vmap(jax.random.categorical)(keys, truncated).astype(jnp.int32)
         return jnp.where(s.temperature > 0, picks, greedy)
 
-    # The sort behind top-p only runs when some row samples.
+    # Nothing of this runs when every row is greedy.
     return jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda: greedy)
 
 
