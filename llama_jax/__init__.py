@@ -9,12 +9,13 @@ from typing import Any
 from .config import ConfigError, LlamaConfig, RopeScaling
 from .model import KVCache, Llama, forward
 from .sampling import SamplingParams
+from .speculative import NgramSpeculation
 from .structured import StructuredOutput
 
 _API = ("LLM", "ChatResponse", "Completion", "load")
 
-__all__ = ["ConfigError", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "SamplingParams", "StructuredOutput",
-           "forward", *_API]
+__all__ = ["ConfigError", "KVCache", "Llama", "LlamaConfig", "NgramSpeculation", "RopeScaling", "SamplingParams",
+           "StructuredOutput", "forward", *_API]
 
 
 def __getattr__(name: str) -> Any:

@@ -24,6 +24,7 @@ from .engine import Engine
 from .model import KVCache, Params, forward
 from .sampling import SamplingParams
 from .scheduler import Event, Request, Scheduler, TokenLogprob, check_token_ids
+from .speculative import NgramSpeculation
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,11 @@ class LLM:
         cache_dtype: Any = None,
         feature_major_decode: bool | None = None,
         adapter_names: Sequence[str] = (),
+        speculation: NgramSpeculation | None = None,
     ):
         """`adapter_names`: the names (e.g. served model ids) of the LoRA adapters `params` holds
-        (lora.attach_many), in their order."""
+        (lora.attach_many), in their order. `speculation`: speculative decoding by prompt lookup
+        (speculative.py), as `load`'s."""
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -87,7 +90,7 @@ class LLM:
         self.engine = Engine(
             config, params, max_slots=max_slots, max_seq_len=max_seq_len, decode_steps=decode_steps,
             attention_impl=attention_impl, shardings=shardings, cache_dtype=cache_dtype,
-            feature_major_decode=feature_major_decode,
+            feature_major_decode=feature_major_decode, speculation=speculation,
         )
         if len(adapter_names) != self.engine.adapters:
             raise ValueError(f"{len(adapter_names)} adapter names for {self.engine.adapters} adapters")
@@ -356,6 +359,7 @@ def load(
     distributed: bool | dict | None = None,
     scan_layers: bool = False,
     feature_major_decode: bool | None = None,
+    speculation: NgramSpeculation | dict | str | None = None,
 ) -> LLM:
     """Load a checkpoint onto the devices and return an `LLM`.
 
@@ -383,10 +387,16 @@ def load(
     `feature_major_decode`: decode with (out, in) copies of the layer weights (model.py), faster
     on XLA's CPU backend, for a second copy of the weights in memory; None (default): on for
     plain (unquantized, merged) weights on one CPU device, False saves the memory.
+    `speculation`: speculative decoding by prompt lookup: an `NgramSpeculation`, or vLLM's
+    speculative config as a dict or JSON text (`{"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_max": 4, "prompt_lookup_min": 2}`). Outputs are those of plain decoding;
+    sequences that repeat earlier text (edits, quotes, structured data) come faster.
     """
     from .distributed import initialize_from
     from .sources import resolve_checkpoint
 
+    if speculation is not None and not isinstance(speculation, NgramSpeculation):
+        speculation = NgramSpeculation.from_config(speculation)
     initialize_from(distributed)  # before anything starts the JAX backend
     if jax.process_count() > 1:
         mesh = mesh or f"tp={jax.device_count()}"
@@ -436,5 +446,5 @@ def load(
     return LLM(
         config, params, tokenizer, max_slots=max_slots, max_seq_len=max_seq_len, decode_steps=decode_steps,
         attention_impl=attention_impl, shardings=shardings, path=Path(ckpt), cache_dtype=cache_dtype,
-        feature_major_decode=feature_major_decode, adapter_names=tuple(lora_modules or ()),
+        feature_major_decode=feature_major_decode, adapter_names=tuple(lora_modules or ()), speculation=speculation,
     )

@@ -12,6 +12,10 @@
   attention reads instead, when that is not more, a ragged list of KV_BLOCK-slot blocks, each row
   only the blocks it has: one long conversation among short ones does not slow them all.
 - The cache and sampler state are donated to every step and updated in place.
+- Speculative decoding (`speculation`, speculative.py): `verify` feeds each live slot's last token
+  and its n-gram draft in one pass and keeps the drafted tokens the sampler would have drawn, so
+  a dispatch yields 1 to num_tokens + 1 tokens per slot (StepOutput.counts). `speculation` may
+  be set or cleared between calls.
 - Structured output: `constrain` sets the tokens a slot may sample next (the prefill takes the
   first token's set with the job); the caller decodes such slots one step at a time.
 - Prefix reuse: the engine records, per slot, the tokens whose keys and values its cache rows
@@ -45,6 +49,7 @@ from .sampling import (
     MAX_TOP_LOGPROBS, SamplerState, SamplingParams, bias_row, constrain_rows, record, record_rows, row_values, sample,
     set_rows, token_logprobs,
 )
+from .speculative import NgramSpeculation
 from .structured import mask_words
 
 # Prompt lengths are padded up to one of these, so a prompt pays for at most half again its own
@@ -77,6 +82,10 @@ class StepOutput:
     logprobs: np.ndarray | None = None  # chosen-token log-probabilities
     top_logprobs: np.ndarray | None = None  # (..., MAX_TOP_LOGPROBS)
     top_ids: np.ndarray | None = None
+    counts: np.ndarray | None = None  # (rows,): the tokens of column i are its first counts[i] (verify); None: all
+
+    def count(self, column: int) -> int:
+        return self.tokens.shape[0] if self.counts is None else int(self.counts[column])
 
 
 class Engine:
@@ -93,11 +102,13 @@ class Engine:
         attention_impl: AttentionImpl = "xla",
         shardings: Any = None,
         feature_major_decode: bool | None = None,
+        speculation: NgramSpeculation | None = None,
     ):
         """`feature_major_decode`: decode with (out, in) copies of the weights and the residual
         stream as columns (model.decode_feature_major), which XLA's CPU backend runs faster at
         a few rows, for a second copy of the layer weights in memory. None: on for plain weights
-        on one CPU device with the jnp attention."""
+        on one CPU device with the jnp attention.
+        `speculation`: draft tokens by prompt lookup for `verify` (None: no speculative decoding)."""
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         if decode_steps < 1:
@@ -109,6 +120,7 @@ class Engine:
         self.prefill_buckets = tuple(sorted(b for b in prefill_buckets if b <= self.max_seq_len)) or (self.max_seq_len,)
         self.decode_steps = decode_steps
         self.attention_impl = attention_impl
+        self.speculation = speculation
         dtype = cache_dtype or params["embed"].dtype
         # An inactive slot sits at a position past the cache: its writes are dropped.
         self._parked = self.max_seq_len + 1
@@ -126,6 +138,7 @@ class Engine:
         # same shardings as inputs, so steady state never reshards or recompiles.
         prefill_sh: dict[str, Any] = {}
         decode_sh: dict[str, Any] = {}
+        verify_sh: dict[str, Any] = {}
         release_sh: dict[str, Any] = {}
         constrain_sh: dict[str, Any] = {}
         copy_sh: dict[str, Any] = {}
@@ -153,6 +166,8 @@ class Engine:
                 out_shardings=(cache_sh, sampler_sh, rep),
             )
             decode_sh = dict(in_shardings=(shardings.params,) + state_sh + (rep, rep), out_shardings=state_sh + (rep,))
+            verify_sh = dict(in_shardings=(shardings.params,) + state_sh + (rep, rep),
+                             out_shardings=state_sh + (rep, rep))
             release_sh = dict(in_shardings=(rows, sampler_sh, rep), out_shardings=(rows, sampler_sh))
             constrain_sh = dict(in_shardings=(sampler_sh, rep, rep), out_shardings=sampler_sh)
             copy_sh = dict(in_shardings=(cache_sh, rep, rep, rep), out_shardings=cache_sh)
@@ -186,6 +201,8 @@ class Engine:
         self._last = np.zeros((max_slots,), np.int32)  # each live slot's next decode input
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(12, 13), donate_argnums=(1, 2), **prefill_sh)
         self._decode = jax.jit(self._decode_fn, static_argnums=(7, 8, 9, 10), donate_argnums=(1, 2, 3, 4), **decode_sh)
+        self._verify = jax.jit(self._verify_fn, static_argnums=(7, 8, 9), donate_argnums=(1, 2, 3, 4), **verify_sh)
+        self.drafted = self.accepted = 0  # draft tokens verified, and those kept (speculation)
         self._release = jax.jit(self._park_fn, donate_argnums=(0, 1), **release_sh)
         self._constrain = jax.jit(constrain_rows, donate_argnums=(0,), **constrain_sh)
         self._copy = jax.jit(_copy_rows, static_argnums=(4,), donate_argnums=(0,), **copy_sh)
@@ -244,6 +261,40 @@ class Engine:
         put = lambda full, first: full.at[:rows].set(first)  # noqa: E731
         sampler = jax.tree.map(put, sampler, sub)
         return cache, sampler, put(tokens, new_tokens), put(positions, new_positions), outs
+
+    def _verify_fn(self, params, cache, sampler, tokens, positions, drafts, n_draft, kv_window, want_lp, rows):
+        """For slots [0, rows): feed the last token and the draft, drafts[b, :n_draft[b]], at the
+        following positions in one pass, then sample position after position, going on past
+        position i only while the token sampled there equals draft token i. Returns the sampled
+        tokens (K + 1, rows) and how many of them each row keeps (1 + the draft tokens accepted)."""
+        cache_rows = jnp.arange(rows) if rows < self.max_slots else None
+        head = lambda a: a[:rows]  # noqa: E731
+        sub, last, start = jax.tree.map(head, sampler), head(tokens), head(positions)
+        width = drafts.shape[1] + 1
+        fed = jnp.concatenate([last[:, None], drafts], axis=1)
+        at = start[:, None] + jnp.arange(width, dtype=jnp.int32)[None]  # parked rows stay past the cache
+        logits, cache = forward(params, self.config, fed, at, cache, cache_rows=cache_rows, kv_window=kv_window,
+                                attention_impl=self.attention_impl)
+        index = jnp.arange(rows)
+        padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)  # position K's comparison is never used
+
+        def body(carry, i):
+            sub, going, kept = carry
+            nxt = sample(logits[:, i], sub, start + i + 1)
+            # Only rows still going count the token (penalties, min_tokens); others drop their update.
+            sub = record_rows(sub, jnp.where(going, index, rows), nxt)
+            kept = kept + going
+            going = going & (i < n_draft) & (nxt == padded[:, i])
+            out = (nxt,) + (token_logprobs(logits[:, i], nxt, MAX_TOP_LOGPROBS) if want_lp else ())
+            return (sub, going, kept), out
+
+        (sub, _, kept), outs = jax.lax.scan(
+            body, (sub, jnp.ones((rows,), bool), jnp.zeros((rows,), jnp.int32)), jnp.arange(width)
+        )
+        newest = jnp.take_along_axis(outs[0], (kept - 1)[None], axis=0)[0]
+        put = lambda full, first: full.at[:rows].set(first)  # noqa: E731
+        sampler = jax.tree.map(put, sampler, sub)
+        return cache, sampler, put(tokens, newest), put(positions, start + kept), outs, kept
 
     def _park_fn(self, positions, sampler, slot):
         # A parked slot samples greedily, so it never makes the decode step take the sorting path.
@@ -432,6 +483,54 @@ class Engine:
                 self._record(i, p, [int(self._last[i]), *out.tokens[:-1, i].tolist()])
                 self._last[i] = out.tokens[-1, i]
                 self.slot_pos[i] = p + steps
+        return out
+
+    def draft(self, slot: int) -> np.ndarray:
+        """The speculative draft for live `slot`: what its sequence (prompt and output so far)
+        suggests comes next (NgramSpeculation.draft); empty without speculation."""
+        if self.speculation is None or self.slot_pos[slot] is None:
+            return np.zeros((0,), np.int32)
+        n = int(self._history_len[slot])
+        return self.speculation.draft(np.append(self._history[slot, :n], self._last[slot]))
+
+    def verify(self, drafts: dict[int, Sequence[int]], want_logprobs: bool = False) -> StepOutput:
+        """Advance every live slot by one token and as many tokens of its draft (`drafts[slot]`,
+        at most speculation.num_tokens; absent: none) as the sampler draws in turn (see
+        `_verify_fn`). Tokens come back as (num_tokens + 1, rows) with `counts`: column i holds
+        slot i's new tokens in its first counts[i] entries."""
+        if self.speculation is None:
+            raise RuntimeError("verify needs an engine built with speculation")
+        live = [p for p in self.slot_pos if p is not None]
+        if not live:
+            raise RuntimeError("verify with no active slot")
+        k = self.speculation.num_tokens
+        rows = self.decode_rows()
+        table = np.zeros((rows, k), np.int32)
+        lengths = np.zeros((rows,), np.int32)
+        for slot, draft in drafts.items():
+            if self.slot_pos[slot] is None:
+                raise ValueError(f"a draft for slot {slot}, which is not live")
+            if len(draft) > k:
+                raise ValueError(f"a draft of {len(draft)} tokens; the engine verifies at most {k}")
+            check = np.asarray(draft, np.int64)
+            if check.size and not (0 <= check.min() and check.max() < self.config.vocab_size):
+                raise ValueError(f"draft token ids outside the vocabulary [0, {self.config.vocab_size})")
+            table[slot, : len(draft)], lengths[slot] = draft, len(draft)
+        window = self.kv_window_for(max(live) + k + 1)
+        self.cache, self.sampler, self.tokens, self.positions, outs, kept = self._verify(
+            self._routed(self.params, self._adapter), self.cache, self.sampler, self.tokens, self.positions,
+            jnp.asarray(table), jnp.asarray(lengths), window, want_logprobs, rows,
+        )
+        out = _host_output(outs, (k + 1, rows))
+        out.counts = np.asarray(jax.device_get(kept))
+        for i, p in enumerate(self.slot_pos):
+            if p is not None:  # fed and kept: the last token, then the accepted draft tokens
+                n = int(out.counts[i])
+                self._record(i, p, [int(self._last[i]), *table[i, : n - 1].tolist()])
+                self._last[i] = out.tokens[n - 1, i]
+                self.slot_pos[i] = p + n
+                self.drafted += int(lengths[i])
+                self.accepted += n - 1
         return out
 
     def lower_decode(self, want_logprobs: bool = False) -> jax.stages.Lowered:

@@ -231,12 +231,34 @@ class Scheduler:
             constrained = {slot: r.matcher for slot, r in self.running.items() if r.matcher is not None}
             if constrained:
                 self.engine.constrain(list(constrained), np.stack([m.mask() for m in constrained.values()]))
-            out = self.engine.decode(want_logprobs=want_lp, steps=1 if constrained else None)
+            drafts = self._drafts(constrained)
+            if drafts:
+                out = self.engine.verify(drafts, want_logprobs=want_lp)
+            else:
+                out = self.engine.decode(want_logprobs=want_lp, steps=1 if constrained else None)
             for slot, req in list(self.running.items()):
                 events.extend(self._consume(req, out, slot))
         self._dispatch(events)
         self._forget_done()
         return admitted + events
+
+    def _drafts(self, constrained: dict[int, Matcher]) -> dict[int, list[int]]:
+        """Speculative drafts of the running requests (not constrained ones: their masks are known
+        one token ahead only), cut to what each may still output; none (plain decode) unless at
+        least half of them have one, as a verify gives the others one token where decode gives
+        `decode_steps`."""
+        if self.engine.speculation is None:
+            return {}
+        drafts = {}
+        for slot, req in self.running.items():
+            if slot in constrained:
+                continue
+            room = self.engine.max_seq_len - len(req.prompt) - len(req.output)
+            left = min(req.sampling.max_tokens - len(req.output), room) - 1  # the verify samples one anyway
+            draft = self.engine.draft(slot)[: max(left, 0)]
+            if draft.size:
+                drafts[slot] = draft.tolist()
+        return drafts if 2 * len(drafts) >= len(self.running) else {}
 
     def _dispatch(self, events: list[Event]) -> None:
         for e in events:
@@ -347,7 +369,7 @@ class Scheduler:
         text = ""
         finish = None
         hit = False
-        for step in range(out.tokens.shape[0]):
+        for step in range(out.count(column)):
             token = int(out.tokens[step, column])
             if req.first_token_time is None:
                 req.first_token_time = time.perf_counter()

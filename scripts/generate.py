@@ -28,6 +28,7 @@ from llama_jax.distributed import initialize_from_args  # noqa: E402
 from llama_jax.quantization import add_arguments as add_quantization_arguments  # noqa: E402
 from llama_jax.quantization import load_arguments  # noqa: E402
 from llama_jax.sampling import SamplingParams  # noqa: E402
+from llama_jax.speculative import add_arguments as add_speculative_arguments  # noqa: E402
 from llama_jax.structured import StructuredOutput  # noqa: E402
 
 
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--no-merge-adapters", dest="merge_adapters", action="store_false",
                    help="apply the adapters on the fly instead of merging them into the weights")
     add_quantization_arguments(p)
+    add_speculative_arguments(r)
     add_distributed_arguments(p)
     args = p.parse_args(argv)
     if not args.chat and not args.prompt:
@@ -113,10 +115,11 @@ def _read_tools(p: argparse.ArgumentParser, path: Path) -> list[dict]:
 
 
 class Stats:
-    def __init__(self) -> None:
+    def __init__(self, engine) -> None:
         self.start = time.perf_counter()
         self.first: float | None = None
         self.tokens = 0
+        self.engine, self.drafts = engine, (engine.drafted, engine.accepted)
 
     def tick(self) -> None:
         if self.first is None:
@@ -126,11 +129,16 @@ class Stats:
         end = time.perf_counter()
         ttft = (self.first or end) - self.start
         rate = (self.tokens - 1) / (end - self.first) if self.first and self.tokens > 1 and end > self.first else 0.0
-        print(f"\n[time to first token {ttft * 1000:.0f} ms, {self.tokens} tokens, {rate:.1f} tokens/s]", file=sys.stderr)
+        spec = ""
+        if self.engine.speculation is not None:
+            drafted, accepted = self.engine.drafted - self.drafts[0], self.engine.accepted - self.drafts[1]
+            spec = f", {accepted}/{drafted} draft tokens kept"
+        print(f"\n[time to first token {ttft * 1000:.0f} ms, {self.tokens} tokens, {rate:.1f} tokens/s{spec}]",
+              file=sys.stderr)
 
 
 def complete_raw(llm, prompt: str, sampling: SamplingParams) -> None:
-    stats = Stats()
+    stats = Stats(llm.engine)
     for event in llm.generate_stream(prompt, sampling):
         if event.token_ids:
             stats.tick()
@@ -142,7 +150,7 @@ def complete_raw(llm, prompt: str, sampling: SamplingParams) -> None:
 
 def chat_turn(llm, messages: list[dict], tools: list[dict] | None, sampling: SamplingParams) -> dict:
     """Stream one assistant turn to the terminal; returns the assistant message for the history."""
-    stats = Stats()
+    stats = Stats(llm.engine)
     content, calls = [], {}
     for delta in llm.chat_stream(messages, tools, sampling):
         if "usage" in delta:
@@ -176,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         llm = llama_jax.load(args.ckpt, dtype=args.dtype, max_seq_len=args.max_seq_len, max_slots=1,
                              mesh=args.mesh, attention_impl=args.attention, adapters=args.adapters,
-                             merge_adapters=args.merge_adapters, **load_arguments(args))
+                             merge_adapters=args.merge_adapters, speculation=args.speculative_config,
+                             **load_arguments(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 1

@@ -69,8 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(requests pick one by its name in `model`)")
     from llama_jax.distributed import add_arguments as add_distributed_arguments
     from llama_jax.quantization import add_arguments
+    from llama_jax.speculative import add_arguments as add_speculative_arguments
 
     add_arguments(p)
+    add_speculative_arguments(p)
     group = add_distributed_arguments(p)
     group.add_argument("--lockstep-port", type=int, default=0,
                        help="port process 0 sends the device calls from (default: any free port)")
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             args.ckpt, dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
             decode_steps=args.decode_steps, attention_impl=args.attention, mesh=args.mesh,
             adapters=args.adapters, merge_adapters=args.merge_adapters, lora_modules=args.lora_modules or None,
-            **load_arguments(args),
+            speculation=args.speculative_config, **load_arguments(args),
         )
     except (ValueError, OSError) as e:  # bad path, config, checkpoint or mesh: say which, no traceback
         sys.exit(f"error: {e}")

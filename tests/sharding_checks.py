@@ -32,6 +32,7 @@ from llama_jax.engine import Engine, PrefillJob  # noqa: E402
 from llama_jax.model import KVCache, Llama, Params, forward  # noqa: E402
 from llama_jax.sampling import SamplingParams  # noqa: E402
 from llama_jax.sharding import ModelShardings, make_mesh  # noqa: E402
+from llama_jax.speculative import NgramSpeculation  # noqa: E402
 from llama_jax.tokenizer import llama3_tokenizer  # noqa: E402
 
 MESHES = ("tp=1", "tp=2", "tp=4", "tp=8", "dp=2,tp=4", "dp=4,tp=2")
@@ -54,7 +55,7 @@ def prompts(config: LlamaConfig) -> list[list[int]]:
 
 def make_engine(config: LlamaConfig, params: Params, shardings: ModelShardings | None) -> Engine:
     return Engine(config, params, max_slots=MAX_SLOTS, max_seq_len=MAX_SEQ, prefill_buckets=(16,),
-                  decode_steps=4, shardings=shardings)
+                  decode_steps=4, shardings=shardings, speculation=NgramSpeculation(num_tokens=2))
 
 
 def allowed_mask(config: LlamaConfig) -> np.ndarray:
@@ -65,13 +66,18 @@ def allowed_mask(config: LlamaConfig) -> np.ndarray:
 
 def greedy(engine: Engine, config: LlamaConfig) -> list[list[int]]:
     """First tokens from prefill, then DECODES decode calls, slots 0 and 2 constrained to
-    allowed_mask (structured output's path); tokens per busy slot; then slot 3's first token."""
+    allowed_mask (structured output's path), then (with speculation, as make_engine's) a
+    verify of a draft for slot 1; tokens per busy slot; then slot 3's first token."""
     out = [[int(engine.prefill(s, p, SamplingParams.greedy(), 0).tokens[0, 0])] for s, p in enumerate(prompts(config))]
     engine.constrain([0, 2], np.stack([allowed_mask(config)] * 2))
     for _ in range(DECODES):
         step = engine.decode().tokens
         for s in range(len(out)):
             out[s] += step[:, s].tolist()
+    if engine.speculation is not None:
+        step = engine.verify({1: out[1][-2:]})  # kept as far as the model says it again
+        for s in range(len(out)):
+            out[s] += step.tokens[: step.counts[s], s].tolist()
     keep = np.unpackbits(allowed_mask(config).view(np.uint8), bitorder="little").astype(bool)
     assert all(keep[t] for s in (0, 2) for t in out[s][1:]), "a constrained slot sampled a banned token"
     # Slot 3 takes the start of slot 1's prompt copied from its rows (prefix reuse), where slots

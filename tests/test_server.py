@@ -92,6 +92,7 @@ class ScriptedEngine:
         self.filling: dict[int, int] = {}  # never used: every prompt fits one call
         self.max_slots, self.max_seq_len, self.decode_steps, self.eot = max_slots, max_seq_len, decode_steps, eot
         self.adapters = 0  # no LoRA adapters
+        self.speculation = None  # no speculative decoding
         self.script: list[int] = []
         self.delay = 0.0
         self.fail_next = False

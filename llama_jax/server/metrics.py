@@ -4,7 +4,10 @@ by the HTTP middleware and by the engine thread as events come out."""
 
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from ..scheduler import Event, Request, Scheduler
 
@@ -38,6 +41,8 @@ class ServerMetrics:
                              "Time per generated token after the first, as delivered", buckets=_LATENCY_BUCKETS,
                              registry=r)
         self._last: dict[str, float] = {}  # request id -> time of its previous event (engine thread only)
+        if scheduler.engine.speculation is not None:
+            r.register(_SpeculationCounters(scheduler.engine, prefix))
 
     def observe(self, req: Request, event: Event) -> None:
         """Called on the engine thread for every event of every request."""
@@ -60,3 +65,16 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SpeculationCounters:
+    """The engine's speculative-decoding counts, read when scraped."""
+
+    def __init__(self, engine: Any, prefix: str):
+        self.engine, self.prefix = engine, prefix
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(f"{self.prefix}_spec_decode_draft_tokens", "Draft tokens verified",
+                                  value=self.engine.drafted)
+        yield CounterMetricFamily(f"{self.prefix}_spec_decode_accepted_tokens",
+                                  "Draft tokens accepted (equal to the sampled token)", value=self.engine.accepted)
