@@ -333,7 +333,8 @@ def test_completions(client: openai.OpenAI, tiny_llm: LLM) -> None:
 
 
 def test_completions_echo_and_logprobs(client: openai.OpenAI, tiny_llm: LLM) -> None:
-    r = client.completions.create(model=MODEL, prompt=TEXT, max_tokens=5, temperature=0, echo=True, logprobs=2)
+    r = client.completions.create(model=MODEL, prompt=TEXT, max_tokens=5, temperature=0, echo=True, logprobs=2,
+                                  extra_body={"prompt_logprobs": 3})
     choice = r.choices[0]
     lp = choice.logprobs
     n_prompt = r.usage.prompt_tokens
@@ -349,11 +350,40 @@ def test_completions_echo_and_logprobs(client: openai.OpenAI, tiny_llm: LLM) -> 
     assert lp.token_logprobs[1] == pytest.approx(expected, abs=1e-4)
     for token, top in zip(lp.tokens[1:], lp.top_logprobs[1:]):
         assert token in top and 2 <= len(top) <= 3
+    # vLLM's prompt_logprobs: the prompt token and the 3 most likely, with ranks and text.
+    plp = choice.model_extra["prompt_logprobs"]
+    assert len(plp) == n_prompt and plp[0] is None
+    first = plp[1][str(ids[1])]
+    assert first["logprob"] == pytest.approx(expected, abs=1e-4) and first["decoded_token"] == lp.tokens[1]
+    assert first["rank"] == 1 + int(np.sum(logits > logits[ids[1]]))
+    for i in range(1, n_prompt):
+        entries = plp[i]
+        assert entries[str(ids[i])]["logprob"] == pytest.approx(lp.token_logprobs[i], abs=1e-5)
+        top = sorted((e["rank"], e["logprob"]) for t, e in entries.items() if e["rank"] <= 3)
+        assert [rank for rank, _ in top] == [1, 2, 3] and top == sorted(top, key=lambda e: -e[1])
+        assert 3 <= len(entries) <= 4
 
 
 # ---- sampling: last on the tiny model, one token per choice ----
-# (A sampled decode step sorts the 128k-entry vocabulary of all 16 slots: about 1.7 s on this CPU, and
-# released slots keep their temperature. With max_tokens=1 only the prefill samples, for one row.)
+# (A sampled decode step with top-p or top-k sorts the 128k-entry vocabulary of all 16 slots: about
+# 1.7 s on this CPU. With max_tokens=1 only the prefill samples, for one row.)
+
+
+def test_chat_prompt_logprobs(client: openai.OpenAI, url: str) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1, temperature=0,
+                                           extra_body={"prompt_logprobs": 0})
+    plp = reply.model_extra["prompt_logprobs"]
+    ids = httpx.post(f"{url}/tokenize", json={"model": MODEL, "messages": USER}).json()["tokens"]
+    assert len(plp) == len(ids) == reply.usage.prompt_tokens and plp[0] is None
+    assert [list(e) for e in plp[1:]] == [[str(t)] for t in ids[1:]]  # only the prompt's own tokens
+    same = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 1,
+                                                    "prompt_logprobs": 0}).json()["choices"][0]["prompt_logprobs"]
+    for a, b in zip(same[1:], plp[1:]):
+        (t, x), (u, y) = *a.items(), *b.items()
+        assert t == u and x["rank"] == y["rank"] and x["logprob"] == pytest.approx(y["logprob"], abs=1e-6)
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": USER, "stream": True,
+                                                      "prompt_logprobs": 1})
+    assert "not available with stream" in assert_error(r, 400, "prompt_logprobs")["message"]
 
 
 def test_continue_final_message(client: openai.OpenAI, url: str, tiny_llm: LLM) -> None:

@@ -26,6 +26,7 @@ from starlette.responses import Response
 
 from ..scheduler import TokenLogprob
 from ..structured import StructuredOutput
+from .completions import vllm_prompt_logprobs
 from .errors import bad_request
 from .generation import (
     ClientGone,
@@ -124,6 +125,7 @@ class ChatJob:
     ids: list[int]
     tools: list[dict[str, Any]] | None
     sub: Submission
+    adapter: int = 0
 
 
 async def start_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatJob:
@@ -143,7 +145,7 @@ async def start_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatJob
     samplings = sampling_params(body, len(ids), ctx.max_seq_len, prompt_param="messages",
                                 logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
                                 structured_output=await ctx.constraint(body, tool_call_constraint(body, tools)))
-    return ChatJob(ids, tools, ctx.submit([(ids, sp) for sp in samplings], adapter))
+    return ChatJob(ids, tools, ctx.submit([(ids, sp) for sp in samplings], adapter), adapter)
 
 
 async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest, request: HTTPRequest) -> Response:
@@ -161,7 +163,10 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         reasons = ["stop"] * n
         counts = [0] * n
         cached = 0
+        prompt_lps = None
         try:
+            if body.prompt_logprobs is not None:
+                prompt_lps = await vllm_prompt_logprobs(ctx, ids, body.prompt_logprobs, job.adapter)
             async for i, ev in events(sub, request):
                 texts[i] += ev.text
                 lps[i] += ev.logprobs or []
@@ -187,7 +192,8 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
             choices.append(ChatChoice(index=i, message=message, logprobs=logprobs,
                                       finish_reason="tool_calls" if calls else reasons[i]))
         usage = Usage.of(len(ids), sum(counts), cached)
-        out = ChatCompletion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
+        out = ChatCompletion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage,
+                             prompt_logprobs=prompt_lps)
         return Response(out.model_dump_json(), media_type="application/json")
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:

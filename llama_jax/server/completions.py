@@ -1,5 +1,6 @@
 """POST /v1/completions: raw prompts (text that may hold special tokens, or token ids; one or a
-list), `echo`, legacy `logprobs` (tokens, token_logprobs, top_logprobs, text_offset), streaming.
+list), `echo`, legacy `logprobs` (tokens, token_logprobs, top_logprobs, text_offset), vLLM's
+`prompt_logprobs`, streaming.
 
 Choice `j * n + k` is sample k of prompt j. With `echo` and `logprobs`, the prompt's own
 log-probabilities come from one full forward pass on the engine thread (the first token has none).
@@ -25,26 +26,65 @@ from .generation import (
     sse,
     sse_response,
 )
-from .protocol import Completion, CompletionChoice, CompletionRequest, LegacyLogprobs, Usage, new_id, now
+from .protocol import (
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    LegacyLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    Usage,
+    new_id,
+    now,
+)
 
 
 # Echoed prompt log-probabilities need the float32 logits of the whole (padded) prompt at once.
 PROMPT_LOGPROBS_MAX_ELEMENTS = 1 << 26  # 256 MiB
 
 
-def prompt_logprobs(llm: Any, ids: list[int], top: int, adapter: int = 0) -> list[TokenLogprob | None]:
-    """Log-probability of each prompt token given the ones before it (None for the first)."""
+def _prompt_logp(llm: Any, ids: list[int], adapter: int) -> np.ndarray:
+    """(len(ids) - 1, V) float64 log-probabilities of the token after each prompt position."""
     n = len(ids)
     padded = max(16, 1 << (n - 1).bit_length())  # power-of-two lengths bound the compilations
     logits = llm.logits([ids + [0] * (padded - n)], adapter)[0, : n - 1].astype(np.float64)
     m = logits.max(axis=-1, keepdims=True)
-    logp = logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+    return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+
+
+def prompt_logprobs(llm: Any, ids: list[int], top: int, adapter: int = 0) -> list[TokenLogprob | None]:
+    """Log-probability of each prompt token given the ones before it (None for the first)."""
     out: list[TokenLogprob | None] = [None]
-    for i in range(1, n):
-        row = logp[i - 1]
+    for i, row in enumerate(_prompt_logp(llm, ids, adapter), 1):
         best = np.argsort(-row)[:top] if top else []
         out.append(TokenLogprob(ids[i], float(row[ids[i]]), [(int(t), float(row[t])) for t in best]))
     return out
+
+
+async def vllm_prompt_logprobs(ctx: ServerContext, ids: list[int], top: int, adapter: int) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs` of a prompt: per token after the first, the token itself and the
+    `top` most likely ones there, with log-probability, rank and text (computed on the engine thread)."""
+    check_prompt_logits(ctx, ids, "prompt_logprobs")
+
+    def entries() -> PromptLogprobs:
+        out: PromptLogprobs = [None]
+        for i, row in enumerate(_prompt_logp(ctx.llm, ids, adapter), 1):
+            order = np.argsort(-row, kind="stable")
+            ranked = [(int(t), r) for r, t in enumerate(order[:top], 1)]
+            ranked.append((ids[i], 1 + int(np.sum(row > row[ids[i]]))))
+            out.append({str(t): PromptLogprob(logprob=max(float(row[t]), MIN_LOGPROB), rank=rank,
+                                              decoded_token=ctx.token_text(t)) for t, rank in ranked})
+        return out
+
+    return await asyncio.wrap_future(ctx.worker.call(entries))
+
+
+def check_prompt_logits(ctx: ServerContext, ids: list[int], param: str) -> None:
+    """Refuse a prompt whose full logits would not fit PROMPT_LOGPROBS_MAX_ELEMENTS."""
+    vocab = ctx.llm.config.vocab_size
+    if 2 * len(ids) * vocab > PROMPT_LOGPROBS_MAX_ELEMENTS:
+        raise bad_request(f"{param} is limited to prompts of {PROMPT_LOGPROBS_MAX_ELEMENTS // (2 * vocab)} tokens",
+                          param)
 
 
 class _Legacy:
@@ -101,13 +141,14 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     echo_texts = [p if isinstance(p, str) else ctx.tokenizer.decode(ids) for p, ids in zip(prompts, encoded)]
     echo_lps: list[list[TokenLogprob | None]] = [[None] * len(ids) for ids in encoded]
     if body.echo and want_lp:
-        vocab = ctx.llm.config.vocab_size
         for j, ids in enumerate(encoded):
-            if 2 * len(ids) * vocab > PROMPT_LOGPROBS_MAX_ELEMENTS:
-                raise bad_request(f"echo with logprobs is limited to prompts of "
-                                  f"{PROMPT_LOGPROBS_MAX_ELEMENTS // (2 * vocab)} tokens", "echo")
+            check_prompt_logits(ctx, ids, "echo")
             echo_lps[j] = await asyncio.wrap_future(
                 ctx.worker.call(lambda ids=ids: prompt_logprobs(ctx.llm, ids, top, adapter)))
+    vllm_lps: list[PromptLogprobs | None] = [None] * len(encoded)
+    if body.prompt_logprobs is not None:
+        for j, ids in enumerate(encoded):
+            vllm_lps[j] = await vllm_prompt_logprobs(ctx, ids, body.prompt_logprobs, adapter)
     sub = ctx.submit(jobs, adapter)
     n = body.n
     total = len(jobs)
@@ -141,8 +182,8 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
             return Response(status_code=499)
         finally:
             sub.cancel()
-        choices = [CompletionChoice(index=i, text=texts[i], logprobs=lps[i], finish_reason=reasons[i])
-                   for i in range(total)]
+        choices = [CompletionChoice(index=i, text=texts[i], logprobs=lps[i], finish_reason=reasons[i],
+                                    prompt_logprobs=vllm_lps[i // n]) for i in range(total)]
         usage = Usage.of(prompt_tokens, sum(counts), sum(cached[::n]))  # each prompt once: its first choice
         out = Completion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
         return Response(out.model_dump_json(), media_type="application/json")

@@ -267,6 +267,8 @@ class _SamplingFields(_Input):
     ignore_eos: StrictBool = False
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    # The prompt tokens' own log-probabilities, with this many alternatives each (not streamed).
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     # Constrained output: OpenAI's field (vLLM takes it on /v1/completions too), or vLLM's.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -309,6 +311,13 @@ class _SamplingFields(_Input):
     def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
         if value is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _not_streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("stream"):
+            raise ValueError("prompt_logprobs is not available with stream")
         return value
 
     @field_validator("structured_outputs")
@@ -534,6 +543,19 @@ class ChatMessageOut(BaseModel):
     refusal: None = None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry of `prompt_logprobs`: one token's log-probability at one prompt position."""
+
+    logprob: float
+    rank: int  # 1: the most likely token there
+    decoded_token: str
+
+
+# Per prompt token: None for the first, else {token id: PromptLogprob} for the token itself and
+# the `prompt_logprobs` most likely ones.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
@@ -549,6 +571,7 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class _Sparse(BaseModel):
@@ -606,6 +629,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: LegacyLogprobs | None = None
     finish_reason: str | None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Completion(BaseModel):
