@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import importlib.metadata
 import json
 import re
 import socket
@@ -238,6 +239,7 @@ def test_models_and_health(client: openai.OpenAI, url: str) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/version").json() == {"version": importlib.metadata.version("llama-jax")}
 
 
 def test_chat_stream_equals_non_stream(client: openai.OpenAI, tiny_llm: LLM) -> None:
@@ -277,6 +279,22 @@ def test_sse_framing(url: str) -> None:
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_continuous_usage_stats(scripted_url: str, scripted_llm: LLM) -> None:
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for path, body in [("/v1/chat/completions", {"messages": USER, "n": 2}), ("/v1/completions", {"prompt": "Hi"})]:
+        with script(scripted_llm, "one two three four five"):
+            r = httpx.post(f"{scripted_url}{path}", json={"model": SCRIPTED, "stream": True, "stream_options": options,
+                                                          **body}, timeout=60)
+        chunks = [json.loads(e.removeprefix("data: ")) for e in r.text.split("\n\n")[:-2]]
+        usages = [c["usage"] for c in chunks]
+        assert all(u is not None for u in usages) and len({u["prompt_tokens"] for u in usages}) == 1
+        made = [u["completion_tokens"] for u in usages]
+        assert made == sorted(made) and made[-1] == made[-2] > made[0]  # the last chunk repeats the total
+        assert chunks[-1]["choices"] == [] and made[-1] == body.get("n", 1) * len(scripted_llm.tokenizer.encode(
+            "one two three four five"))
 
 
 def test_concurrent_streams_equal_solo_runs(client: openai.OpenAI, url: str) -> None:

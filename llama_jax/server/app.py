@@ -128,6 +128,16 @@ def create_app(
             raise APIError(503, "the engine's last step failed", code="engine_error")
         return JSONResponse({"status": "ok"})
 
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as package_version
+
+        try:
+            return JSONResponse({"version": package_version("llama-jax")})
+        except PackageNotFoundError:  # run from a checkout that was not installed
+            return JSONResponse({"version": "unknown"})
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -205,9 +205,15 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         saw_call = [False] * body.n
         counts = [0] * body.n
         cached = 0
+
+        def live() -> Usage | None:
+            return Usage.of(len(ids), sum(counts), cached) if body.continuous_usage else None
+
         for i in range(body.n):
-            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))], live())
         async for i, ev in events(sub, request):
+            counts[i] = ev.completion_tokens
+            cached = ev.cached_tokens if i == 0 else cached
             parser = parsers[i]
             deltas: list[dict[str, Any]] = []
             if ev.text:
@@ -221,13 +227,11 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
                 deltas = [{}]
             for d in deltas:
                 saw_call[i] = saw_call[i] or bool(d.get("tool_calls"))
-                yield chunk([ChunkChoice(index=i, delta=Delta.model_validate(d), logprobs=logprobs)])
+                yield chunk([ChunkChoice(index=i, delta=Delta.model_validate(d), logprobs=logprobs)], live())
                 logprobs = None
-            cached = ev.cached_tokens if i == 0 else cached
             if ev.finish_reason is not None:
-                counts[i] = ev.completion_tokens
                 reason = "tool_calls" if saw_call[i] else ev.finish_reason
-                yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=reason)])
+                yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=reason)], live())
         if body.include_usage:
             yield chunk([], Usage.of(len(ids), sum(counts), cached))
 

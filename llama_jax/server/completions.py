@@ -194,18 +194,22 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
 
     async def stream() -> AsyncIterator[str]:
         counts, cached = [0] * total, [0] * total
+
+        def live() -> Usage | None:
+            return Usage.of(prompt_tokens, sum(counts), sum(cached[::n])) if body.continuous_usage else None
+
         if body.echo:
             for i in range(total):
                 text, lp = echo(i)
-                yield chunk([CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=None)])
+                yield chunk([CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=None)], live())
         async for i, ev in events(sub, request):
             lp = legacy[i].build(list(ev.logprobs or []), ev.token_ids) if want_lp else None
             cached[i] = ev.cached_tokens
-            if ev.finish_reason is not None:
-                counts[i] = ev.completion_tokens
-            elif not ev.text and not ev.token_ids:
+            counts[i] = ev.completion_tokens
+            if ev.finish_reason is None and not ev.text and not ev.token_ids:
                 continue
-            yield chunk([CompletionChoice(index=i, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason)])
+            yield chunk([CompletionChoice(index=i, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason)],
+                        live())
         if body.include_usage:
             yield chunk([], Usage.of(prompt_tokens, sum(counts), sum(cached[::n])))
 

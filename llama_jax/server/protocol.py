@@ -177,6 +177,7 @@ class NamedToolChoice(_Input):
 class StreamOptions(_Input):
     include_usage: StrictBool | None = None
     include_obfuscation: StrictBool | None = None  # accepted; chunks are never padded
+    continuous_usage_stats: StrictBool | None = None  # vLLM's: with include_usage, usage so far in every chunk
 
 
 class JSONSchemaFormat(_Input):
@@ -331,6 +332,11 @@ class _SamplingFields(_Input):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every streamed chunk carries the usage so far (vLLM's continuous_usage_stats)."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     def constraint(self) -> tuple[StructuredOutput | None, str | None]:
         """The structured-output constraint and the field it came from. Raises ValueError
