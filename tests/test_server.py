@@ -39,6 +39,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from llama_jax.server import create_app  # noqa: E402
+from llama_jax.server.errors import APIError  # noqa: E402
 from llama_jax.server.chat import NAMED_INSTRUCTION, REQUIRED_INSTRUCTION, dialog  # noqa: E402
 from llama_jax.server.protocol import ChatCompletionRequest  # noqa: E402
 
@@ -1122,6 +1123,53 @@ def test_responses_function_calls_round_trip(scripted: openai.OpenAI, scripted_l
         {"role": "tool", "tool_call_id": call.call_id, "content": '{"temp_c": 21}'}]
     expected = scripted_llm.chat_format.encode_dialog(dialog_, [WEATHER, TIME])
     assert answer.usage.input_tokens == len(expected)
+
+
+def test_responses_are_stored_and_continued(scripted: openai.OpenAI, scripted_llm: LLM, scripted_url: str) -> None:
+    """previous_response_id continues a stored response's conversation (as OpenAI's
+    conversation-state guide does), function calls included; GET and DELETE; store=false."""
+    question = {"role": "user", "content": "Weather in Paris?"}
+    with script(scripted_llm, CALL_TEXT):
+        first = scripted.responses.create(model=SCRIPTED, input=[question], tools=[WEATHER_FN],
+                                          instructions="Be brief.")
+    (call,) = first.output
+    assert first.store and scripted.responses.retrieve(first.id).output[0].call_id == call.call_id
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 21}'}
+    with script(scripted_llm, "It is 21 degrees."):
+        stream = scripted.responses.create(model=SCRIPTED, previous_response_id=first.id, input=[result],
+                                           tools=[WEATHER_FN], stream=True)
+        second = list(stream)[-1].response
+    with script(scripted_llm, "You are welcome."):
+        third = scripted.responses.create(model=SCRIPTED, previous_response_id=second.id, input="Thanks!")
+    assert second.previous_response_id == first.id and third.output_text == "You are welcome."
+    # The third prompt is the whole conversation (without the first request's instructions).
+    dialog_ = [question, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.call_id, "type": "function", "function": {"name": "get_weather", "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": '{"temp_c": 21}'},
+        {"role": "assistant", "content": "It is 21 degrees."}, {"role": "user", "content": "Thanks!"}]
+    assert third.usage.input_tokens == len(scripted_llm.chat_format.encode_dialog(dialog_))
+    assert scripted.responses.retrieve(third.id).output_text == "You are welcome."
+    scripted.responses.delete(third.id)
+    with pytest.raises(openai.NotFoundError):
+        scripted.responses.retrieve(third.id)
+    with script(scripted_llm, "Not kept."):
+        unstored = scripted.responses.create(model=SCRIPTED, input="Hi", store=False)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        scripted.responses.retrieve(unstored.id)
+    with pytest.raises(openai.BadRequestError, match="not found"):
+        scripted.responses.create(model=SCRIPTED, previous_response_id=unstored.id, input="Hi")
+
+
+def test_response_store_keeps_the_latest() -> None:
+    from llama_jax.server.responses import ResponseStore
+
+    store = ResponseStore(size=2)
+    for rid in ("a", "b", "c"):
+        store.put({"id": rid}, [])
+    assert store.response("c") == {"id": "c"} and store.response("b") == {"id": "b"}
+    with pytest.raises(APIError):
+        store.response("a")
 
 
 def test_responses_tool_limits_and_choice(scripted: openai.OpenAI, scripted_llm: LLM) -> None:

@@ -32,7 +32,7 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from .responses import ResponsesRequest, create_response
+from .responses import ResponsesRequest, ResponseStore, create_response
 from .tokens import detokenize, tokenize
 from .worker import EngineWorker
 
@@ -94,9 +94,19 @@ def create_app(
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(ctx, body, request)
 
+    stored = ResponseStore()
+
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:
-        return await create_response(ctx, body, request)
+        return await create_response(ctx, body, request, stored)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> JSONResponse:
+        return JSONResponse(stored.response(response_id))
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> JSONResponse:
+        return JSONResponse(stored.delete(response_id))
 
     @app.post("/tokenize")
     async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:

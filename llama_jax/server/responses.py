@@ -7,14 +7,16 @@ output_text part, then a function_call item per call parsed out of the text; str
 Responses API's events (response.created, response.output_item.added, response.output_text.delta,
 ..., response.completed or response.incomplete), each with its `event:` line and a sequence number.
 
-Responses are not stored (`store` is accepted and reported false), so `previous_response_id`
-and `conversation` are refused: a client sends the whole conversation in `input`, function calls
-and their outputs included, as it does with store=false. The request models live here rather
-than in protocol.py because no other endpoint shares them.
+Responses are stored unless `store` is false, in memory (the latest STORED_RESPONSES): a request
+with `previous_response_id` continues that response's conversation (its input and output items;
+not its instructions, as OpenAI does), and GET/DELETE /v1/responses/{id} read and remove one.
+`conversation` (the Conversations API) and stored prompts are refused. The request models live
+here rather than in protocol.py because no other endpoint shares them.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import uuid
@@ -50,6 +52,7 @@ from .protocol import (
 )
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+STORED_RESPONSES = 1024  # kept in memory; the oldest go first
 
 # ---- the request ----
 
@@ -93,7 +96,8 @@ class FunctionCallOutputItem(_Input):
     status: Text | None = None
 
 
-InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem, Field(discriminator="type")]
+Item = MessageItem | FunctionCallItem | FunctionCallOutputItem
+InputItem = Annotated[Item, Field(discriminator="type")]
 
 
 class FunctionTool(FunctionDef):
@@ -141,8 +145,9 @@ class ResponsesRequest(_Input):
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None  # include_obfuscation: events are never padded
     truncation: Literal["auto", "disabled"] | None = None  # a prompt too long is a 400 either way
-    # Accepted and without effect here: storage, routing and reasoning hints.
-    store: StrictBool | None = None
+    store: StrictBool | None = None  # default true: kept for previous_response_id and GET
+    previous_response_id: Text | None = None
+    # Accepted and without effect here: routing and reasoning hints.
     background: Literal[False] | None = None
     metadata: dict[str, Text] | None = None
     user: Text | None = None
@@ -151,8 +156,7 @@ class ResponsesRequest(_Input):
     prompt_cache_retention: Text | None = None
     service_tier: Text | None = None
     reasoning: dict[str, Any] | None = None
-    # Need stored responses or prompts: only absent or null passes.
-    previous_response_id: Any = None
+    # Need the Conversations API or stored prompts: only absent or null passes.
     conversation: Any = None
     prompt: Any = None
     # vLLM-compatible sampling extensions (the openai client sends them through `extra_body`).
@@ -194,12 +198,12 @@ class ResponsesRequest(_Input):
                 raise ValueError(f"tools[{i}] is of type {kind!r}: this server runs function tools only")
         return tools
 
-    @field_validator("previous_response_id", "conversation", "prompt")
+    @field_validator("conversation", "prompt")
     @classmethod
     def _not_stored(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None:
-            raise ValueError(f"{info.field_name} needs stored responses, and this server stores none; "
-                             "send the whole conversation in input")
+            raise ValueError(f"{info.field_name} is not supported by this server; send the conversation in "
+                             "input, or continue a stored response with previous_response_id")
         return value
 
     @field_validator("tools")
@@ -219,19 +223,73 @@ class ResponsesRequest(_Input):
     def wants_logprobs(self) -> bool:
         return self.top_logprobs is not None or LOGPROBS_INCLUDE in (self.include or [])
 
+    @property
+    def items(self) -> list[Item]:
+        """The input as items (text is one user message)."""
+        if isinstance(self.input, str):
+            return [MessageItem(type="message", role="user", content=self.input)]
+        return list(self.input)
+
+
+class ResponseStore:
+    """Stored responses, the latest `size` of them: each one's response object and its whole
+    conversation (the items of every request in its chain, and their outputs as input items)."""
+
+    def __init__(self, size: int = STORED_RESPONSES):
+        self.size = size
+        self._entries: collections.OrderedDict[str, tuple[dict[str, Any], list[Item]]] = collections.OrderedDict()
+
+    def put(self, response: dict[str, Any], conversation: list[Item]) -> None:
+        self._entries[response["id"]] = (response, conversation)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def response(self, rid: str) -> dict[str, Any]:
+        return self._get(rid)[0]
+
+    def conversation(self, rid: str) -> list[Item]:
+        try:
+            return self._get(rid)[1]
+        except APIError:  # named as the request field, as OpenAI does
+            raise APIError(400, f"Previous response with id {rid!r} not found.", param="previous_response_id",
+                           code="previous_response_not_found") from None
+
+    def delete(self, rid: str) -> dict[str, Any]:
+        self._get(rid)
+        del self._entries[rid]
+        return {"id": rid, "object": "response", "deleted": True}
+
+    def _get(self, rid: str) -> tuple[dict[str, Any], list[Item]]:
+        if rid not in self._entries:
+            raise APIError(404, f"No response with id {rid!r} (responses are kept in memory, the latest "
+                                f"{self.size}; one created with store=false is not kept)", code="not_found")
+        return self._entries[rid]
+
+
+def as_input(output: list[dict[str, Any]]) -> list[Item]:
+    """Output items as the input items a client would send back."""
+    items: list[Item] = []
+    for item in output:
+        if item["type"] == "message":
+            parts = [TextPart(type="output_text", text=p["text"]) for p in item["content"]]
+            items.append(MessageItem(type="message", role="assistant", content=parts, id=item["id"]))
+        else:
+            items.append(FunctionCallItem(type="function_call", call_id=item["call_id"], name=item["name"],
+                                          arguments=item["arguments"], id=item["id"]))
+    return items
+
 
 # A chat request's field names, as this endpoint calls them (in error messages' `param`).
 _PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
            "response_format": "text.format"}
 
 
-def to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat request that renders and samples as `body` asks."""
+def to_chat(body: ResponsesRequest, items: list[Item] | None = None) -> ChatCompletionRequest:
+    """The chat request that renders and samples as `body` asks, over `items` (default: its input)."""
     messages: list[dict[str, Any]] = []
     if body.instructions:
         messages.append({"role": "system", "content": body.instructions})
-    for item in [MessageItem(type="message", role="user", content=body.input)] if isinstance(body.input, str) \
-            else body.input:
+    for item in body.items if items is None else items:
         if isinstance(item, MessageItem):
             messages.append({"role": item.role, "content": _text(item.content)})
         elif isinstance(item, FunctionCallItem):
@@ -360,8 +418,8 @@ def response_object(ctx: ServerContext, body: ResponsesRequest, rid: str, create
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
         "max_tool_calls": body.max_tool_calls, "model": ctx.model_name, "output": output,
-        "parallel_tool_calls": body.parallel_tool_calls is not False, "previous_response_id": None,
-        "reasoning": None, "store": False, "temperature": 1.0 if body.temperature is None else body.temperature,
+        "parallel_tool_calls": body.parallel_tool_calls is not False,
+        "previous_response_id": body.previous_response_id, "reasoning": None, "store": body.store is not False, "temperature": 1.0 if body.temperature is None else body.temperature,
         "top_p": 1.0 if body.top_p is None else body.top_p, "top_logprobs": body.top_logprobs,
         "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
         "tool_choice": (body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunctionChoice)
@@ -378,11 +436,14 @@ def _usage(prompt: int, output: int, cached: int) -> dict[str, Any]:
             "total_tokens": prompt + output}
 
 
-async def create_response(ctx: ServerContext, body: ResponsesRequest, request: HTTPRequest) -> Response:
+async def create_response(ctx: ServerContext, body: ResponsesRequest, request: HTTPRequest,
+                          store: ResponseStore) -> Response:
     from ..tool_calls import StreamingToolParser
 
+    history = store.conversation(body.previous_response_id) if body.previous_response_id else []
+    conversation = history + body.items
     try:
-        job = await start_chat(ctx, to_chat(body))
+        job = await start_chat(ctx, to_chat(body, conversation))
     except APIError as e:  # named as this endpoint names them
         if e.param in _PARAMS:
             e.message, e.param = e.message.replace(e.param, _PARAMS[e.param]), _PARAMS[e.param]
@@ -412,6 +473,8 @@ async def create_response(ctx: ServerContext, body: ResponsesRequest, request: H
         status = "incomplete" if incomplete else "completed"
         final = response_object(ctx, body, rid, created, status=status, output=output.items,
                                 usage=_usage(len(job.ids), count, cached))
+        if body.store is not False:
+            store.put(final, conversation + as_input(output.items))
         yield f"response.{status}", {"response": final}
 
     if not body.stream:
