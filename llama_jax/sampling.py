@@ -35,6 +35,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False  # the stop string that ended the text stays at its end (vLLM's)
     stop_token_ids: tuple[int, ...] = ()  # besides the checkpoint's end-of-turn/text tokens
     ignore_eos: bool = False  # no stop token ends the sequence (stop strings and max_tokens do)
     min_tokens: int = 0  # tokens generated before a stop token may be sampled (vLLM's min_tokens)

@@ -82,10 +82,12 @@ class Request:
 
 
 class _StopText:
-    """Emits text as it is produced, holding back any tail that may begin a stop string."""
+    """Emits text as it is produced, holding back any tail that may begin a stop string; the
+    text ends before the first stop string found, or after it with `include_stop`."""
 
-    def __init__(self, stops: tuple[str, ...]):
+    def __init__(self, stops: tuple[str, ...], include_stop: bool = False):
         self.stops = stops
+        self.include_stop = include_stop
         self.pending = ""
 
     def push(self, text: str) -> tuple[str, bool]:
@@ -94,9 +96,11 @@ class _StopText:
         if not self.stops:
             out, self.pending = self.pending, ""
             return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, k) for k, i in enumerate(self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            at, k = min(hits)  # the earliest; of stops found at one place, the first listed
+            end = at + len(self.stops[k]) if self.include_stop else at
+            out, self.pending = self.pending[:end], ""
             return out, True
         hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
         cut = len(self.pending) - hold
@@ -296,7 +300,8 @@ class Scheduler:
                 spent += min(chunk, len(req.prompt))
         for req, seed in zip(taken, seeds_for([r.sampling for r in taken], self._rng)):
             self._by_id[req.id] = req
-            self._text[req.id] = (IncrementalDecoder(self.tokenizer), _StopText(req.sampling.stop))
+            self._text[req.id] = (IncrementalDecoder(self.tokenizer),
+                                  _StopText(req.sampling.stop, req.sampling.include_stop_str_in_output))
             sp = req.sampling
             req.stop_ids = frozenset() if sp.ignore_eos else self.stop_ids | set(sp.stop_token_ids)
             if req.sampling.max_tokens == 0:

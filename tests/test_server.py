@@ -569,6 +569,40 @@ def test_stop_strings(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
     assert r.choices[0].message.content == "Hello world. " and r.choices[0].finish_reason == "stop"
     assert s["content"] == "Hello world. " and s["finish"] == "stop"
     assert c.choices[0].text == "Hello world. STOP " and c.choices[0].finish_reason == "stop"
+    # vLLM's include_stop_str_in_output: the stop string found first stays (of two at one place,
+    # the first listed), streamed or not.
+    keep = {"include_stop_str_in_output": True}
+    with script(scripted_llm, "Hello world. STOP and more text"):
+        r = scripted.chat.completions.create(model=SCRIPTED, messages=USER, stop=["and", "ST", "STOP"],
+                                             extra_body=keep)
+        s = accumulate(scripted.chat.completions.create(model=SCRIPTED, messages=USER, stop=["STOP", "ST"],
+                                                        stream=True, extra_body=keep))
+    assert r.choices[0].message.content == "Hello world. ST" and s["content"] == "Hello world. STOP"
+
+
+def test_return_token_ids(scripted_url: str, scripted_llm: LLM) -> None:
+    """vLLM's return_token_ids: the prompt's and each choice's token ids, whole or streamed."""
+    tok = scripted_llm.tokenizer
+    said = tok.encode("Hello world.")
+
+    def post(path: str, **body: Any) -> httpx.Response:
+        with script(scripted_llm, "Hello world."):
+            return httpx.post(f"{scripted_url}{path}", json={"model": SCRIPTED, "return_token_ids": True, **body},
+                              timeout=60)
+
+    chat = post("/v1/chat/completions", messages=USER, n=2).json()
+    assert chat["prompt_token_ids"] == scripted_llm.chat_format.encode_dialog(USER)
+    assert [c["token_ids"] for c in chat["choices"]] == [said, said]
+    done = post("/v1/completions", prompt=["Hi", "Bye"]).json()
+    assert [c["prompt_token_ids"] for c in done["choices"]] == [scripted_llm.encode_prompt(p) for p in ("Hi", "Bye")]
+    assert all(c["token_ids"] == said for c in done["choices"])
+    for path, body in [("/v1/chat/completions", {"messages": USER}), ("/v1/completions", {"prompt": "Hi"})]:
+        chunks = [json.loads(e.removeprefix("data: ")) for e in post(path, stream=True, **body).text.split("\n\n")[:-2]]
+        streamed = [t for c in chunks for choice in c["choices"] for t in choice.get("token_ids") or []]
+        prompts = [c.get("prompt_token_ids") or c["choices"][0].get("prompt_token_ids") for c in chunks if c["choices"]]
+        assert streamed == said and prompts[0] and not any(prompts[1:])
+    plain = httpx.post(f"{scripted_url}/v1/completions", json={"model": SCRIPTED, "prompt": "Hi", "max_tokens": 2})
+    assert "token_ids" not in plain.json()["choices"][0] and "prompt_token_ids" not in plain.json()["choices"][0]
 
 
 def test_text_held_back_for_a_stop_string_is_output_when_the_turn_ends(scripted: openai.OpenAI,

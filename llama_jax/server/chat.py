@@ -162,6 +162,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
         reasons = ["stop"] * n
         counts = [0] * n
+        tokens: list[list[int]] = [[] for _ in range(n)]
         cached = 0
         prompt_lps = None
         try:
@@ -169,6 +170,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
                 prompt_lps = await vllm_prompt_logprobs(ctx, ids, body.prompt_logprobs, job.adapter)
             async for i, ev in events(sub, request):
                 texts[i] += ev.text
+                tokens[i] += ev.token_ids
                 lps[i] += ev.logprobs or []
                 counts[i] = ev.completion_tokens
                 cached = ev.cached_tokens if i == 0 else cached
@@ -190,15 +192,16 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
             )
             logprobs = ChoiceLogprobs(content=chat_logprobs(ctx, lps[i])) if body.logprobs else None
             choices.append(ChatChoice(index=i, message=message, logprobs=logprobs,
-                                      finish_reason="tool_calls" if calls else reasons[i]))
+                                      finish_reason="tool_calls" if calls else reasons[i], token_ids=tokens[i]))
         usage = Usage.of(len(ids), sum(counts), cached)
         out = ChatCompletion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage,
-                             prompt_logprobs=prompt_lps)
-        return Response(out.model_dump_json(), media_type="application/json")
+                             prompt_logprobs=prompt_lps, prompt_token_ids=ids)
+        return Response(body.dump(out), media_type="application/json")
 
-    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-        c = ChatCompletionChunk(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
-        return sse(c.model_dump_json(exclude=None if body.include_usage else {"usage"}))
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None, prompt_ids: list[int] | None = None) -> str:
+        c = ChatCompletionChunk(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage,
+                                prompt_token_ids=prompt_ids)
+        return sse(body.dump(c, chunk=True))
 
     async def stream() -> AsyncIterator[str]:
         parsers = [StreamingToolParser(tools) if tools else None for _ in range(body.n)]
@@ -210,7 +213,8 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
             return Usage.of(len(ids), sum(counts), cached) if body.continuous_usage else None
 
         for i in range(body.n):
-            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))], live())
+            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))], live(),
+                        ids if i == 0 else None)
         async for i, ev in events(sub, request):
             counts[i] = ev.completion_tokens
             cached = ev.cached_tokens if i == 0 else cached
@@ -223,12 +227,14 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
             if not parallel:
                 deltas = _first_call_only(deltas)
             logprobs = ChoiceLogprobs(content=chat_logprobs(ctx, ev.logprobs)) if ev.logprobs else None
-            if logprobs and not deltas:
+            token_ids = list(ev.token_ids) if body.return_token_ids and ev.token_ids else None
+            if (logprobs or token_ids) and not deltas:
                 deltas = [{}]
-            for d in deltas:
+            for d in deltas:  # this step's logprobs and token ids go with its first chunk
                 saw_call[i] = saw_call[i] or bool(d.get("tool_calls"))
-                yield chunk([ChunkChoice(index=i, delta=Delta.model_validate(d), logprobs=logprobs)], live())
-                logprobs = None
+                yield chunk([ChunkChoice(index=i, delta=Delta.model_validate(d), logprobs=logprobs,
+                                         token_ids=token_ids)], live())
+                logprobs = token_ids = None
             if ev.finish_reason is not None:
                 reason = "tool_calls" if saw_call[i] else ev.finish_reason
                 yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=reason)], live())

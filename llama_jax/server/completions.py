@@ -166,6 +166,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
 
     if not body.stream:
         texts, lps, reasons, counts, cached = [], [], ["stop"] * total, [0] * total, [0] * total
+        tokens: list[list[int]] = [[] for _ in range(total)]
         for i in range(total):
             t, lp = echo(i)
             texts.append(t)
@@ -173,6 +174,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
         try:
             async for i, ev in events(sub, request):
                 texts[i] += ev.text
+                tokens[i] += ev.token_ids
                 if want_lp:
                     lps[i] = _merge(lps[i], legacy[i].build(list(ev.logprobs or []), ev.token_ids))
                 counts[i] = ev.completion_tokens
@@ -183,33 +185,40 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
         finally:
             sub.cancel()
         choices = [CompletionChoice(index=i, text=texts[i], logprobs=lps[i], finish_reason=reasons[i],
-                                    prompt_logprobs=vllm_lps[i // n]) for i in range(total)]
+                                    prompt_logprobs=vllm_lps[i // n], prompt_token_ids=encoded[i // n],
+                                    token_ids=tokens[i]) for i in range(total)]
         usage = Usage.of(prompt_tokens, sum(counts), sum(cached[::n]))  # each prompt once: its first choice
         out = Completion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
-        return Response(out.model_dump_json(), media_type="application/json")
+        return Response(body.dump(out), media_type="application/json")
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         c = Completion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
-        return sse(c.model_dump_json(exclude=None if body.include_usage else {"usage"}))
+        return sse(body.dump(c, chunk=True))
 
     async def stream() -> AsyncIterator[str]:
         counts, cached = [0] * total, [0] * total
+        first = [True] * total  # each choice's first chunk carries its prompt's token ids
 
         def live() -> Usage | None:
             return Usage.of(prompt_tokens, sum(counts), sum(cached[::n])) if body.continuous_usage else None
 
+        def prompt_ids(i: int) -> list[int] | None:
+            was, first[i] = first[i], False
+            return encoded[i // n] if was else None
+
         if body.echo:
             for i in range(total):
                 text, lp = echo(i)
-                yield chunk([CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=None)], live())
+                yield chunk([CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=None,
+                                              prompt_token_ids=prompt_ids(i))], live())
         async for i, ev in events(sub, request):
             lp = legacy[i].build(list(ev.logprobs or []), ev.token_ids) if want_lp else None
             cached[i] = ev.cached_tokens
             counts[i] = ev.completion_tokens
             if ev.finish_reason is None and not ev.text and not ev.token_ids:
                 continue
-            yield chunk([CompletionChoice(index=i, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason)],
-                        live())
+            yield chunk([CompletionChoice(index=i, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason,
+                                          prompt_token_ids=prompt_ids(i), token_ids=list(ev.token_ids))], live())
         if body.include_usage:
             yield chunk([], Usage.of(prompt_tokens, sum(counts), sum(cached[::n])))
 

@@ -268,6 +268,8 @@ class _SamplingFields(_Input):
     ignore_eos: StrictBool = False
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    include_stop_str_in_output: StrictBool = False
+    return_token_ids: StrictBool = False  # vLLM's: the token ids of the prompt and of each choice
     # The prompt tokens' own log-probabilities, with this many alternatives each (not streamed).
     prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     # Constrained output: OpenAI's field (vLLM takes it on /v1/completions too), or vLLM's.
@@ -332,6 +334,16 @@ class _SamplingFields(_Input):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def dump(self, out: BaseModel, *, chunk: bool = False) -> str:
+        """`out` (a response or chunk of this request) as JSON: usage only in chunks that asked
+        for it, token ids only when asked for."""
+        exclude: dict[str, Any] = {}
+        if chunk and not self.include_usage:
+            exclude["usage"] = True
+        if not self.return_token_ids:
+            exclude.update(prompt_token_ids=True, choices={"__all__": {"token_ids", "prompt_token_ids"}})
+        return out.model_dump_json(exclude=exclude or None)
 
     @property
     def continuous_usage(self) -> bool:
@@ -567,6 +579,7 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str
+    token_ids: list[int] | None = None  # with return_token_ids
 
 
 class ChatCompletion(BaseModel):
@@ -578,6 +591,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids
 
 
 class _Sparse(BaseModel):
@@ -611,6 +625,7 @@ class ChunkChoice(BaseModel):
     delta: Delta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids: the tokens this chunk's text came from
 
 
 class ChatCompletionChunk(BaseModel):
@@ -621,6 +636,7 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids, in the first chunk
 
 
 class LegacyLogprobs(BaseModel):
@@ -636,6 +652,8 @@ class CompletionChoice(BaseModel):
     logprobs: LegacyLogprobs | None = None
     finish_reason: str | None
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids (streamed: in the choice's first chunk)
+    token_ids: list[int] | None = None  # with return_token_ids
 
 
 class Completion(BaseModel):
