@@ -75,7 +75,11 @@ class Leader:
         if self._closed:
             raise LockstepError("the other processes were released (Leader.close): no more device calls")
         for i, conn in enumerate(self._peers):
+            # A follower never writes after joining: a readable connection is one it closed (it
+            # exited or died). Refuse the call rather than wait for it in a collective forever.
             try:
+                if conn.poll(0):
+                    raise LockstepError(f"process {i + 1} has gone away; restart the job")
                 conn.send(message)
             except OSError as e:
                 raise LockstepError(f"process {i + 1} can no longer be reached ({e}); restart the job") from e

@@ -184,3 +184,24 @@ def test_lockstep_in_one_process() -> None:
     leader.close()
     with pytest.raises(lockstep.LockstepError, match="released"):
         served.logits([[5, 6, 7]])
+
+
+def test_a_follower_gone_away_fails_the_next_device_call() -> None:
+    """A follower that exited (its end of the connection closed) makes the next mirrored call
+    fail at once, before it runs on process 0's devices, instead of hanging in a collective."""
+    from multiprocessing import Pipe
+    from types import SimpleNamespace
+
+    from llama_jax import lockstep
+
+    ran = []
+    engine = SimpleNamespace(decode=lambda: ran.append("decode"), free_slots=lambda: [0])
+    ours, theirs = Pipe()
+    leader = lockstep.Leader(SimpleNamespace(engine=engine, scheduler=None), [ours])
+    leader.llm.engine.decode()
+    assert theirs.recv() == ("engine.decode", (), {}) and ran == ["decode"]
+    theirs.close()
+    assert leader.llm.engine.free_slots() == [0]  # reads stay local
+    with pytest.raises(lockstep.LockstepError, match="process 1 has gone away"):
+        leader.llm.engine.decode()
+    assert ran == ["decode"]
