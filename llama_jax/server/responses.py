@@ -248,11 +248,11 @@ class ResponseStore:
         return self._get(rid)[0]
 
     def conversation(self, rid: str) -> list[Item]:
-        try:
-            return self._get(rid)[1]
-        except APIError:  # named as the request field, as OpenAI does
+        """The conversation `previous_response_id` names (a 400 on that field if none, as OpenAI's)."""
+        if rid not in self._entries:
             raise APIError(400, f"Previous response with id {rid!r} not found.", param="previous_response_id",
-                           code="previous_response_not_found") from None
+                           code="previous_response_not_found")
+        return self._entries[rid][1]
 
     def delete(self, rid: str) -> dict[str, Any]:
         self._get(rid)
