@@ -75,10 +75,11 @@ class LLM:
         feature_major_decode: bool | None = None,
         adapter_names: Sequence[str] = (),
         speculation: NgramSpeculation | None = None,
+        chat_template: str | None = None,
     ):
         """`adapter_names`: the names (e.g. served model ids) of the LoRA adapters `params` holds
         (lora.attach_many), in their order. `speculation`: speculative decoding by prompt lookup
-        (speculative.py), as `load`'s."""
+        (speculative.py), and `chat_template`, as `load`'s."""
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -97,6 +98,10 @@ class LLM:
         self.adapter_names = tuple(adapter_names)
         self.scheduler = Scheduler(self.engine, tokenizer) if tokenizer is not None else None
         self._chat_format = None
+        if chat_template is not None:  # compiled now: a template that does not compile fails here
+            from .chat_format import chat_format_for, read_chat_template
+
+            self._chat_format = chat_format_for(self._require_tokenizer(), read_chat_template(chat_template))
         # Replicated output when sharded, so the host can read it in every process.
         self._logits_fn = jax.jit(self._logits_body, out_shardings=shardings.replicated if shardings else None)
 
@@ -199,36 +204,46 @@ class LLM:
 
     def chat(
         self, messages: list[dict], tools: list[dict] | None = None, sampling: SamplingParams | None = None,
-        *, adapter: str | int = 0, continue_final_message: bool = False, **overrides: Any,
+        *, adapter: str | int = 0, continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None, **overrides: Any,
     ) -> ChatResponse:
         """One assistant turn: content and parsed tool calls in OpenAI form (`adapter`: as in generate).
         `continue_final_message`: the last message is the start of the assistant's answer, and the
-        model goes on writing it (the response holds what it adds)."""
+        model goes on writing it (the response holds what it adds). `chat_template_kwargs`:
+        variables for the chat template (for Llama 3.1: `tools_in_user_message`, `date_string`,
+        `builtin_tools`)."""
+        from .chat_format import tools_to_parse
         from .tool_calls import parse_tool_calls
 
         sampling = _sampling(sampling, overrides)
-        ids = self._dialog_ids(messages, tools, continue_final_message)
+        ids = self._dialog_ids(messages, tools, continue_final_message, chat_template_kwargs)
         self._check_length(ids)
         (completion,) = self._run([(ids, sampling, self.adapter_index(adapter))])
+        tools = tools_to_parse(tools, chat_template_kwargs)
         content, calls = parse_tool_calls(completion.text, tools) if tools else (completion.text, [])
         reason = "tool_calls" if calls else completion.finish_reason
         return ChatResponse(content, calls, reason, completion)
 
-    def _dialog_ids(self, messages: list[dict], tools: list[dict] | None, continue_final_message: bool) -> list[int]:
+    def _dialog_ids(self, messages: list[dict], tools: list[dict] | None, continue_final_message: bool,
+                    chat_template_kwargs: dict[str, Any] | None) -> list[int]:
         return self.chat_format.encode_dialog(messages, tools, add_generation_prompt=not continue_final_message,
-                                              continue_final_message=continue_final_message)
+                                              continue_final_message=continue_final_message,
+                                              chat_template_kwargs=chat_template_kwargs)
 
     def chat_stream(
         self, messages: list[dict], tools: list[dict] | None = None, sampling: SamplingParams | None = None,
-        *, continue_final_message: bool = False, **overrides: Any,
+        *, continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
+        **overrides: Any,
     ) -> Iterator[dict]:
         """Yield OpenAI-style deltas ({"content": …} or {"tool_calls": […]}), then
         {"finish_reason": …, "usage": {"prompt_tokens": …, "completion_tokens": …, "cached_tokens": …}}."""
+        from .chat_format import tools_to_parse
         from .tool_calls import StreamingToolParser
 
         sampling = _sampling(sampling, overrides)
-        ids = self._dialog_ids(messages, tools, continue_final_message)
+        ids = self._dialog_ids(messages, tools, continue_final_message, chat_template_kwargs)
         self._check_length(ids)
+        tools = tools_to_parse(tools, chat_template_kwargs)
         parser = StreamingToolParser(tools) if tools else None
         saw_call = False
         for event in self._stream(ids, sampling):
@@ -360,6 +375,7 @@ def load(
     scan_layers: bool = False,
     feature_major_decode: bool | None = None,
     speculation: NgramSpeculation | dict | str | None = None,
+    chat_template: str | os.PathLike | None = None,
 ) -> LLM:
     """Load a checkpoint onto the devices and return an `LLM`.
 
@@ -391,12 +407,18 @@ def load(
     speculative config as a dict or JSON text (`{"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_max": 4, "prompt_lookup_min": 2}`). Outputs are those of plain decoding;
     sequences that repeat earlier text (edits, quotes, structured data) come faster.
+    `chat_template`: a Jinja chat template (a file or the template's text) for `chat` and the
+    server, in place of the Llama 3.1 format or the checkpoint's own template.
     """
     from .distributed import initialize_from
     from .sources import resolve_checkpoint
 
     if speculation is not None and not isinstance(speculation, NgramSpeculation):
         speculation = NgramSpeculation.from_config(speculation)
+    if chat_template is not None:  # before the weights: a missing file fails at once
+        from .chat_format import read_chat_template
+
+        chat_template = read_chat_template(chat_template)
     initialize_from(distributed)  # before anything starts the JAX backend
     if jax.process_count() > 1:
         mesh = mesh or f"tp={jax.device_count()}"
@@ -447,4 +469,5 @@ def load(
         config, params, tokenizer, max_slots=max_slots, max_seq_len=max_seq_len, decode_steps=decode_steps,
         attention_impl=attention_impl, shardings=shardings, path=Path(ckpt), cache_dtype=cache_dtype,
         feature_major_decode=feature_major_decode, adapter_names=tuple(lora_modules or ()), speculation=speculation,
+        chat_template=chat_template,
     )

@@ -6,19 +6,28 @@ Messages are OpenAI-style dicts: {"role": "system"|"user"|"assistant"|"tool"|"ip
 "tool_calls" ([{"id", "type": "function", "function": {"name", "arguments": JSON str or dict}}])
 and tool messages a "tool_call_id". Tools are OpenAI function dicts; a function named
 brave_search, wolfram_alpha or code_interpreter (or just that name as a string) is a built-in tool.
+
+Both formats take per-call template variables (`chat_template_kwargs`, as vLLM's requests and
+transformers' apply_chat_template pass them): a Jinja template sees them all; the Llama 3.1
+format reads the three its Hugging Face template reads (tools_in_user_message, date_string,
+builtin_tools) and, like a template, ignores the others.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from .tokenizer import Tokenizer
 from .tool_calls import BUILTIN_TOOLS, ToolSpec, declared_tools
 
-__all__ = ["ChatFormat", "ChatTemplateError", "JinjaChatFormat", "chat_format_for", "validate_messages"]
+__all__ = ["ChatFormat", "ChatTemplateError", "JinjaChatFormat", "chat_format_for", "read_chat_template",
+           "tools_to_parse", "validate_messages"]
 
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
            "November", "December")  # spelled out here: strftime's %B follows the process locale
@@ -274,34 +283,67 @@ class ChatFormat:
         self.today = today
         self.tools_in_system = tools_in_system
         self.tool_prompt_format = tool_prompt_format
+        self.date_string: str | None = None  # the "Today Date" text as given, in place of `today`'s
         self._bos, self._start = ids["<|begin_of_text|>"], ids["<|start_header_id|>"]
         self._end = ids["<|end_header_id|>"]
         self._eot, self._eom, self._python = ids["<|eot_id|>"], ids["<|eom_id|>"], ids["<|python_tag|>"]
 
     def encode_dialog(
         self, messages: list[dict], tools: list[dict | str] | None = None, *, add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
+        continue_final_message: bool = False, chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """Token ids of the dialog, starting with <|begin_of_text|>; with the assistant header to
         complete at the end if `add_generation_prompt`; or, if `continue_final_message`, ending
-        inside the final (assistant) message, which the model then goes on writing."""
+        inside the final (assistant) message, which the model then goes on writing.
+        `chat_template_kwargs`: the Hugging Face template's variables for this dialog:
+        `tools_in_user_message` (False: custom tools go in the system message), `date_string`
+        (the "Today Date" text) and `builtin_tools` (names added to `tools`); others are ignored."""
+        fmt, tools = self._with_kwargs(chat_template_kwargs, tools)
         ids: list[int] = []
-        for seg in self._segments(messages, tools, add_generation_prompt, continue_final_message):
+        for seg in fmt._segments(messages, tools, add_generation_prompt, continue_final_message):
             ids += [seg] if isinstance(seg, int) else self.tokenizer.encode(seg)
         return ids
 
     def render(
         self, messages: list[dict], tools: list[dict | str] | None = None, *, add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
+        continue_final_message: bool = False, chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         """The prompt as text, special tokens written out."""
+        fmt, tools = self._with_kwargs(chat_template_kwargs, tools)
         return "".join(
             s if isinstance(s, str) else self.tokenizer.decode([s])
-            for s in self._segments(messages, tools, add_generation_prompt, continue_final_message)
+            for s in fmt._segments(messages, tools, add_generation_prompt, continue_final_message)
         )
+
+    def _with_kwargs(
+        self, kwargs: Mapping[str, Any] | None, tools: list[dict | str] | None
+    ) -> tuple[ChatFormat, list[dict | str] | None]:
+        """This format with the template variables of one call applied, and the tools they add."""
+        if not kwargs:
+            return self, tools
+        if not isinstance(kwargs, Mapping):
+            raise ValueError(f"chat_template_kwargs must be a mapping, got {type(kwargs).__name__}")
+        fmt = copy.copy(self)
+        if kwargs.get("tools_in_user_message") is not None:
+            if not isinstance(kwargs["tools_in_user_message"], bool):
+                raise ValueError("chat_template_kwargs.tools_in_user_message must be a boolean")
+            fmt.tools_in_system = not kwargs["tools_in_user_message"]
+        if kwargs.get("date_string") is not None:
+            if not isinstance(kwargs["date_string"], str):
+                raise ValueError("chat_template_kwargs.date_string must be a string")
+            fmt.date_string = kwargs["date_string"]
+        builtin = kwargs.get("builtin_tools")
+        if builtin is not None:
+            if not isinstance(builtin, list) or any(n not in BUILTIN_TOOLS for n in builtin):
+                raise ValueError(f"chat_template_kwargs.builtin_tools must be a list of {BUILTIN_TOOLS}")
+            named = {s.name for s in declared_tools(tools)}
+            tools = [*dict.fromkeys(n for n in builtin if n not in named), *(tools or [])]
+        return fmt, tools
 
     # -- building blocks --
     def _date(self) -> str:
+        if self.date_string is not None:
+            return self.date_string
         d = self.today or dt.date.today()
         month = _MONTHS[d.month - 1]
         return f"{d.day:02d} {month if self.style == 'meta' else month[:3]} {d.year}"
@@ -465,6 +507,10 @@ def _plain(value: Any) -> Any:
     raise ValueError(f"chat template input must be JSON data, got {type(value).__name__}")
 
 
+# What `JinjaChatFormat.render` itself gives a template; chat_template_kwargs cannot replace them.
+_TEMPLATE_ARGUMENTS = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
+
+
 class JinjaChatFormat:
     """A checkpoint's Jinja chat template (tokenizer_config.json or GGUF metadata), rendered in
     Jinja's immutable sandbox with the helpers Hugging Face templates use (raise_exception,
@@ -505,16 +551,24 @@ class JinjaChatFormat:
 
     def render(
         self, messages: list[dict], tools: list[dict | str] | None = None, *, add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
+        continue_final_message: bool = False, chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         """The template's text for the dialog; with `continue_final_message`, cut right after the
-        final message's text (where the template put it), so the model goes on writing it."""
+        final message's text (where the template put it), so the model goes on writing it.
+        `chat_template_kwargs`: more variables for the template (over `extra_context`'s)."""
         msgs = validate_messages(messages)
         final = final_message_to_continue(msgs, add_generation_prompt) if continue_final_message else None
         declared_tools(tools)
+        kwargs = chat_template_kwargs or {}
+        if not isinstance(kwargs, Mapping):
+            raise ValueError(f"chat_template_kwargs must be a mapping, got {type(kwargs).__name__}")
+        taken = sorted(set(kwargs) & set(_TEMPLATE_ARGUMENTS))
+        if taken:
+            raise ValueError(f"chat_template_kwargs may not set {taken}: the request gives them")
         tok = self.tokenizer
         context = {
             **self.extra_context,
+            **_plain(dict(kwargs)),
             "messages": [_template_message(m, raw) for m, raw in zip(msgs, messages)],
             "tools": _plain(tools) if tools is not None else None,
             "add_generation_prompt": add_generation_prompt,
@@ -537,10 +591,10 @@ class JinjaChatFormat:
 
     def encode_dialog(
         self, messages: list[dict], tools: list[dict | str] | None = None, *, add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
+        continue_final_message: bool = False, chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         text = self.render(messages, tools, add_generation_prompt=add_generation_prompt,
-                           continue_final_message=continue_final_message)
+                           continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)
         return self.tokenizer.encode(text, allow_special=True)
 
 
@@ -558,9 +612,38 @@ def _template_message(m: Message, raw: dict) -> dict:
     return out
 
 
-def chat_format_for(tokenizer: Tokenizer, **kw: Any) -> ChatFormat | JinjaChatFormat:
+def tools_to_parse(tools: list[Any] | None, chat_template_kwargs: Mapping[str, Any] | None) -> list[Any] | None:
+    """The tools whose calls to look for in a reply: `tools`, and the built-in tools named by
+    chat_template_kwargs' `builtin_tools` (how the Llama 3.1 template declares them)."""
+    builtin = (chat_template_kwargs or {}).get("builtin_tools")
+    if not isinstance(builtin, list):
+        return tools
+    named = {s.name for s in declared_tools(tools)}
+    extra = [n for n in builtin if isinstance(n, str) and n in BUILTIN_TOOLS and n not in named]
+    return [*(tools or []), *dict.fromkeys(extra)] or tools
+
+
+def read_chat_template(template: str | Path) -> str:
+    """A chat template given as vLLM's --chat-template takes it: a file's path, or the template's
+    own text (anything with a Jinja tag in it)."""
+    path = Path(template)
+    try:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    except (OSError, ValueError):  # a template's text can be too long (or odd) a name to test
+        pass
+    text = str(template)
+    if "{{" in text or "{%" in text:
+        return text
+    raise ValueError(f"chat template {text!r}: no such file, and not a Jinja template's text")
+
+
+def chat_format_for(tokenizer: Tokenizer, template: str | None = None, **kw: Any) -> ChatFormat | JinjaChatFormat:
     """The Llama 3.1 format for a Llama 3 tokenizer (it has <|start_header_id|> and <|eot_id|>),
-    else the tokenizer's own chat template; keyword options go to that class."""
+    else the tokenizer's own chat template; keyword options go to that class. `template`: a Jinja
+    chat template's text, used instead of either."""
+    if template is not None:
+        return JinjaChatFormat(tokenizer, template, **kw)
     if tokenizer.token_id("<|start_header_id|>") is not None and tokenizer.token_id("<|eot_id|>") is not None:
         return ChatFormat(tokenizer, **kw)
     if tokenizer.chat_template:

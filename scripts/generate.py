@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--system", help="system message")
     p.add_argument("--tools", type=Path, help="JSON file with a list of tools (OpenAI function format)")
     p.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
+    p.add_argument("--chat-template", help="a Jinja chat template (file or text) in place of the model's own")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6, Meta's)")
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         llm = llama_jax.load(args.ckpt, dtype=args.dtype, max_seq_len=args.max_seq_len, max_slots=1,
                              mesh=args.mesh, attention_impl=args.attention, adapters=args.adapters,
                              merge_adapters=args.merge_adapters, speculation=args.speculative_config,
-                             **load_arguments(args))
+                             chat_template=args.chat_template, **load_arguments(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 1

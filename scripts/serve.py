@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", choices=["xla", "pallas"], default="xla")
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="prefill every prompt whole, even when a free slot's cache holds its start")
+    p.add_argument("--chat-template", help="a Jinja chat template (file or text) in place of the model's own")
     p.add_argument("--api-key", nargs="+", metavar="KEY", default=[],
                    help="require 'Authorization: Bearer KEY' (any of these) on every route but /health and "
                         f"/metrics; default: the {API_KEY_ENV} environment variable, else no key")
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             args.ckpt, dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
             decode_steps=args.decode_steps, attention_impl=args.attention, mesh=args.mesh,
             adapters=args.adapters, merge_adapters=args.merge_adapters, lora_modules=args.lora_modules or None,
-            speculation=args.speculative_config, **load_arguments(args),
+            speculation=args.speculative_config, chat_template=args.chat_template, **load_arguments(args),
         )
     except (ValueError, OSError) as e:  # bad path, config, checkpoint or mesh: say which, no traceback
         sys.exit(f"error: {e}")

@@ -209,6 +209,10 @@ def test_generate_script_follows_a_json_schema(smol_checkpoint, tmp_path):
     unreadable = subprocess.run([*base, "--json-schema", str(tmp_path / "missing.json"), "hi"],
                                 capture_output=True, text=True)
     assert unreadable.returncode == 2 and "--json-schema" in unreadable.stderr
+    # A chat template that is not there fails before the weights load.
+    no_template = subprocess.run([*base, "--chat-template", str(tmp_path / "missing.jinja"), "hi"],
+                                 capture_output=True, text=True, timeout=600)
+    assert no_template.returncode == 1 and "missing.jinja': no such file" in no_template.stderr
 
 
 @pytest.mark.slow

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from llama_jax.chat_format import ChatFormat, ChatTemplateError, JinjaChatFormat, chat_format_for
+from llama_jax.chat_format import (
+    ChatFormat,
+    ChatTemplateError,
+    JinjaChatFormat,
+    chat_format_for,
+    read_chat_template,
+    tools_to_parse,
+)
 from llama_jax.tokenizer import llama3_tokenizer, load_tokenizer
 
 MD_DATE = dt.date(2024, 9, 21)  # the date Meta's prompt_format.md was rendered on
@@ -263,6 +270,43 @@ def test_tools_in_system(tok):
         assert messages[1][1] == "Weather?"
 
 
+def test_llama31_template_kwargs(tok):
+    """chat_template_kwargs: the Hugging Face template's variables, for one call, in both styles."""
+    dialog = [SYSTEM, {"role": "user", "content": "Weather?"}]
+    for style in ("meta", "hf"):
+        cf = ChatFormat(tok, style=style, today=MD_DATE)
+        in_system = ChatFormat(tok, style=style, today=MD_DATE, tools_in_system=True)
+        assert (cf.render(dialog, [WEATHER], chat_template_kwargs={"tools_in_user_message": False})
+                == in_system.render(dialog, [WEATHER]))
+        assert (in_system.render(dialog, [WEATHER], chat_template_kwargs={"tools_in_user_message": True})
+                == cf.render(dialog, [WEATHER]))
+        builtin = {"builtin_tools": ["wolfram_alpha", "brave_search"]}
+        assert (cf.encode_dialog(dialog, [WEATHER, "brave_search"], chat_template_kwargs=builtin)
+                == cf.encode_dialog(dialog, ["wolfram_alpha", "brave_search", WEATHER]))
+        assert "Tools: wolfram_alpha, brave_search\n" in cf.render(dialog, chat_template_kwargs=builtin)
+        # The date as given; variables the template does not read are ignored, as a template would.
+        dated = cf.render(dialog, chat_template_kwargs={"date_string": "1 April 2030", "enable_thinking": False})
+        assert "Today Date: 1 April 2030\n" in dated
+        assert dated == ChatFormat(tok, style=style, today=dt.date(2030, 4, 1)).render(dialog).replace(
+            "01 Apr" if style == "hf" else "01 April", "1 April")
+        assert cf.tools_in_system is False and cf.date_string is None  # one call's, not the format's
+    cf = ChatFormat(tok, style="hf")
+    for kwargs, match in [({"tools_in_user_message": "no"}, "tools_in_user_message must be a boolean"),
+                          ({"date_string": 20240726}, "date_string must be a string"),
+                          ({"builtin_tools": ["calculator"]}, "builtin_tools must be a list of"),
+                          ({"builtin_tools": "brave_search"}, "builtin_tools must be a list of")]:
+        with pytest.raises(ValueError, match=match):
+            cf.encode_dialog(dialog, chat_template_kwargs=kwargs)
+
+
+def test_tools_to_parse():
+    assert tools_to_parse([WEATHER], None) == [WEATHER]
+    assert tools_to_parse(None, {"date_string": "x"}) is None
+    assert tools_to_parse([WEATHER, "brave_search"], {"builtin_tools": ["brave_search", "code_interpreter", 3]}) == [
+        WEATHER, "brave_search", "code_interpreter"]
+    assert tools_to_parse(None, {"builtin_tools": ["wolfram_alpha", "wolfram_alpha"]}) == ["wolfram_alpha"]
+
+
 # --------------------------------------------------------------------------------------------
 # The Hugging Face Llama 3.1 template's behaviour (style="hf")
 # --------------------------------------------------------------------------------------------
@@ -499,3 +543,32 @@ def test_chat_format_for(tok, smol):
     bare.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         chat_format_for(bare)
+
+
+KWARGS_TEMPLATE = (
+    "{% if greeting is defined %}[{{ greeting }}]{% endif %}"
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% if not enable_thinking %}<no-think>{% endif %}{% endif %}"
+)
+
+
+def test_template_kwargs_match_transformers(smol, smol_ref, tmp_path):
+    chat = CHATS[1]
+    cf = JinjaChatFormat(smol, KWARGS_TEMPLATE, extra_context={"greeting": "from the server"})
+    for kwargs in [{}, {"greeting": "Moin", "enable_thinking": True}, {"enable_thinking": False, "unused": [1, 2]}]:
+        text = cf.render(chat, chat_template_kwargs=kwargs)
+        assert text == smol_ref.apply_chat_template(chat, chat_template=KWARGS_TEMPLATE, tokenize=False,
+                                                    add_generation_prompt=True,
+                                                    **{"greeting": "from the server", **kwargs})
+        assert cf.encode_dialog(chat, chat_template_kwargs=kwargs) == smol.encode(text, allow_special=True)
+    with pytest.raises(ValueError, match="may not set \\['add_generation_prompt', 'messages'\\]"):
+        cf.render(chat, chat_template_kwargs={"messages": [], "add_generation_prompt": False})
+    # A template as vLLM's --chat-template takes it: a file, or its text; for any tokenizer.
+    path = tmp_path / "chat.jinja"
+    path.write_text(KWARGS_TEMPLATE)
+    assert read_chat_template(path) == read_chat_template(str(path)) == read_chat_template(KWARGS_TEMPLATE)
+    with pytest.raises(ValueError, match="no such file"):
+        read_chat_template(tmp_path / "missing.jinja")
+    llama = chat_format_for(llama3_tokenizer(), read_chat_template(path))
+    assert isinstance(llama, JinjaChatFormat)
+    assert llama.render(chat[:2], chat_template_kwargs={"greeting": "hi"}).startswith("[hi]<system>You are terse.")

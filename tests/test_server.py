@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llama_jax.api import LLM
+from llama_jax.chat_format import ChatTemplateError
 from llama_jax.config import LlamaConfig
 from llama_jax.engine import PrefillJob, StepOutput
 from llama_jax.model import param_shapes
@@ -137,9 +138,9 @@ class ScriptedEngine:
         self._left.clear()
 
 
-def make_scripted(tiny_llm: LLM) -> LLM:
+def make_scripted(tiny_llm: LLM, **kw: Any) -> LLM:
     tok = tiny_llm.tokenizer
-    llm = LLM(tiny_llm.config, tiny_llm.params, tok, max_slots=4, max_seq_len=64)
+    llm = LLM(tiny_llm.config, tiny_llm.params, tok, max_slots=4, max_seq_len=64, **kw)
     llm.engine = ScriptedEngine(tiny_llm.config, max_slots=4, max_seq_len=2048, decode_steps=4,
                                 eot=tok.special_tokens["<|eot_id|>"])
     llm.scheduler = Scheduler(llm.engine, tok, prefix_reuse=False)  # the script has no cache to reuse
@@ -839,6 +840,9 @@ def _chat(**kw: Any) -> dict[str, Any]:
     (_chat(tool_choice="required"), "tool_choice"),
     (_chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
     (_chat(max_tokens=10_000), "max_tokens"),
+    (_chat(chat_template_kwargs=["date_string"]), "chat_template_kwargs"),
+    (_chat(chat_template_kwargs={"tools_in_user_message": "no"}), "chat_template_kwargs"),
+    (_chat(chat_template_kwargs={"builtin_tools": ["calculator"]}), "chat_template_kwargs"),
     (_chat(messages=[{"role": "user", "content": "word " * 400}]), "messages"),
     ({"messages": USER}, "model"),
     ({"model": MODEL}, "messages"),
@@ -1278,6 +1282,62 @@ def test_responses_bad_requests(scripted_url: str, body: dict, param: str) -> No
 
 
 # ---- /tokenize and /detokenize (vLLM's) ----
+
+
+def test_chat_template_kwargs(scripted: openai.OpenAI, scripted_url: str, scripted_llm: LLM) -> None:
+    """vLLM's chat_template_kwargs: the Llama 3.1 template's variables, in /tokenize and chat alike;
+    built-in tools declared by `builtin_tools` are called like those given in `tools`."""
+    kwargs = {"tools_in_user_message": False, "date_string": "26 Jul 2024", "builtin_tools": ["brave_search"]}
+    ids = scripted_llm.chat_format.encode_dialog(USER, [WEATHER], chat_template_kwargs=kwargs)
+    assert ids != scripted_llm.chat_format.encode_dialog(USER, [WEATHER])
+    r = httpx.post(f"{scripted_url}/tokenize", json={"model": SCRIPTED, "messages": USER, "tools": [WEATHER],
+                                                     "chat_template_kwargs": kwargs}, timeout=30).json()
+    assert r["tokens"] == ids
+    kw = dict(model=SCRIPTED, messages=USER, tools=[WEATHER], extra_body={"chat_template_kwargs": kwargs})
+    with script(scripted_llm, '<|python_tag|>brave_search.call(query="jax 1.0")'):
+        full = scripted.chat.completions.create(**kw)
+        streamed = accumulate(scripted.chat.completions.create(**kw, stream=True))
+        plain = scripted.chat.completions.create(**{**kw, "extra_body": {}})
+        direct = scripted_llm.chat(USER, [WEATHER], chat_template_kwargs=kwargs)
+        direct_stream = list(scripted_llm.chat_stream(USER, chat_template_kwargs=kwargs))
+    assert full.usage.prompt_tokens == len(ids) and full.choices[0].finish_reason == "tool_calls"
+    (call,) = full.choices[0].message.tool_calls
+    assert call.function.name == "brave_search" and json.loads(call.function.arguments) == {"query": "jax 1.0"}
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed["calls"]] == [("brave_search",
+                                                                                     {"query": "jax 1.0"})]
+    assert plain.choices[0].message.tool_calls is None  # not declared: plain text
+    # The Python API the same way.
+    assert direct.completion.prompt_tokens == len(ids)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in direct.tool_calls] == [
+        ("brave_search", {"query": "jax 1.0"})]
+    assert direct_stream[-1]["finish_reason"] == "tool_calls"
+    bad = httpx.post(f"{scripted_url}/tokenize", json={"model": SCRIPTED, "prompt": "x",
+                                                       "chat_template_kwargs": {"date_string": "x"}}, timeout=30)
+    assert_error(bad, 400, None)
+
+
+def test_served_chat_template(tiny_llm: LLM) -> None:
+    """--chat-template: a Jinja template in place of the Llama 3.1 format, kwargs included."""
+    template = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+                "{{ m.content }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant"
+                "<|end_header_id|>\n\n{% if house_style is defined %}[{{ house_style }}] {% endif %}{% endif %}")
+    llm = make_scripted(tiny_llm, chat_template=template)
+    tok = llm.tokenizer
+    expected = tok.encode("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nSay something.<|eot_id|>"
+                          "<|start_header_id|>assistant<|end_header_id|>\n\n[terse] ", allow_special=True)
+    with live(create_app(llm, model_name=SCRIPTED)) as u:
+        client = openai.OpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0, timeout=60)
+        with script(llm, "Fine."):
+            r = client.chat.completions.create(model=SCRIPTED, messages=USER,
+                                               extra_body={"chat_template_kwargs": {"house_style": "terse"}})
+        assert r.choices[0].message.content == "Fine." and r.usage.prompt_tokens == len(expected)
+        body = {"model": SCRIPTED, "messages": USER, "chat_template_kwargs": {"house_style": "terse"}}
+        assert httpx.post(f"{u}/tokenize", json=body, timeout=30).json()["tokens"] == expected
+        taken = httpx.post(f"{u}/v1/chat/completions", json={**body, "chat_template_kwargs": {"messages": []}},
+                           timeout=30)
+        assert "may not set ['messages']" in assert_error(taken, 400, "chat_template_kwargs")["message"]
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        LLM(tiny_llm.config, tiny_llm.params, tok, max_slots=1, max_seq_len=64, chat_template="{% for %}")
 
 
 def test_tokenize_counts_what_a_request_would_run(scripted: openai.OpenAI, scripted_url: str,

@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
+from ..chat_format import tools_to_parse
 from ..scheduler import TokenLogprob
 from ..structured import StructuredOutput
 from .completions import vllm_prompt_logprobs
@@ -110,6 +111,11 @@ def tool_call_constraint(body: ChatCompletionRequest, tools: list[dict[str, Any]
     return StructuredOutput(json={**schema, "x-guidance": {"lenient": True}})
 
 
+def dialog_param(error: ValueError) -> str:
+    """The request field a chat format's error is about."""
+    return "chat_template_kwargs" if str(error).startswith("chat_template_kwargs") else "messages"
+
+
 def _with_instruction(messages: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
     if messages and messages[0]["role"] == "system":
         first = dict(messages[0], content=f"{messages[0]['content']}\n\n{instruction}".lstrip())
@@ -139,13 +145,15 @@ async def start_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatJob
     try:
         ids = await asyncio.to_thread(chat_format.encode_dialog, messages, tools,
                                       add_generation_prompt=body.generation_prompt,
-                                      continue_final_message=body.continue_final_message)
+                                      continue_final_message=body.continue_final_message,
+                                      chat_template_kwargs=body.chat_template_kwargs)
     except ValueError as e:
-        raise bad_request(str(e), "messages") from None
+        raise bad_request(str(e), dialog_param(e)) from None
     samplings = sampling_params(body, len(ids), ctx.max_seq_len, prompt_param="messages",
                                 logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
                                 structured_output=await ctx.constraint(body, tool_call_constraint(body, tools)))
-    return ChatJob(ids, tools, ctx.submit([(ids, sp) for sp in samplings], adapter), adapter)
+    parsed = tools if body.tool_choice == "none" else tools_to_parse(tools, body.chat_template_kwargs)
+    return ChatJob(ids, parsed, ctx.submit([(ids, sp) for sp in samplings], adapter), adapter)
 
 
 async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest, request: HTTPRequest) -> Response:

@@ -375,6 +375,9 @@ class ChatCompletionRequest(_SamplingFields):
     # message, which the model then goes on writing (a prefilled answer).
     add_generation_prompt: StrictBool | None = None
     continue_final_message: StrictBool = False
+    # vLLM's: variables for the chat template (Llama 3.1's: tools_in_user_message, date_string,
+    # builtin_tools; a checkpoint's own Jinja template sees them all).
+    chat_template_kwargs: dict[str, Any] | None = None
     # Accepted and without effect here: storage, routing, latency and reasoning hints.
     store: StrictBool | None = None
     prediction: dict[str, Any] | None = None
@@ -478,6 +481,7 @@ class TokenizeRequest(_Input):
     tools: list[ToolDef] | None = None
     add_generation_prompt: StrictBool | None = None  # as in a chat request
     continue_final_message: StrictBool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # as in a chat request
     return_token_strs: StrictBool = False
 
     @model_validator(mode="before")
@@ -489,8 +493,8 @@ class TokenizeRequest(_Input):
     def _one_input(self) -> "TokenizeRequest":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give prompt or messages, not both")
-        if self.tools is not None and self.messages is None:
-            raise ValueError("tools go with messages")
+        if (self.tools is not None or self.chat_template_kwargs is not None) and self.messages is None:
+            raise ValueError("tools and chat_template_kwargs go with messages")
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt exclude each other")
         return self
