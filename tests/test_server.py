@@ -1187,6 +1187,18 @@ def test_responses_are_stored_and_continued(scripted: openai.OpenAI, scripted_ll
         {"role": "assistant", "content": "It is 21 degrees."}, {"role": "user", "content": "Thanks!"}]
     assert third.usage.input_tokens == len(scripted_llm.chat_format.encode_dialog(dialog_))
     assert scripted.responses.retrieve(third.id).output_text == "You are welcome."
+    # Its input items: the whole chain's, newest first, in pages (the client follows `after`).
+    items = list(scripted.responses.input_items.list(third.id, limit=2))
+    assert [i.type for i in items] == ["message", "message", "function_call_output", "function_call", "message"]
+    assert [i.role for i in items if i.type == "message"] == ["user", "assistant", "user"]
+    assert items[0].content[0].text == "Thanks!" and items[1].content[0].text == "It is 21 degrees."
+    assert items[3].call_id == call.call_id and items[3].id == call.id and items[2].output == '{"temp_c": 21}'
+    assert len({i.id for i in items}) == 5 and all(i.status == "completed" for i in items)
+    asc = scripted.responses.input_items.list(third.id, order="asc")
+    assert [i.id for i in asc.data] == [i.id for i in reversed(items)] and not asc.has_more
+    assert [i.id for i in scripted.responses.input_items.list(first.id).data] == [items[-1].id]
+    for query, param in [("limit=0", "limit"), ("order=up", "order"), ("after=msg_nope", "after")]:
+        assert_error(httpx.get(f"{scripted_url}/v1/responses/{third.id}/input_items?{query}"), 400, param)
     scripted.responses.delete(third.id)
     with pytest.raises(openai.NotFoundError):
         scripted.responses.retrieve(third.id)
@@ -1204,7 +1216,7 @@ def test_response_store_keeps_the_latest() -> None:
 
     store = ResponseStore(size=2)
     for rid in ("a", "b", "c"):
-        store.put({"id": rid}, [])
+        store.put({"id": rid}, [], [])
     assert store.response("c") == {"id": "c"} and store.response("b") == {"id": "b"}
     with pytest.raises(APIError):
         store.response("a")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import hmac
 import time
-from typing import Any, AsyncIterator, Sequence
+from typing import Annotated, Any, AsyncIterator, Literal, Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -103,6 +103,14 @@ def create_app(
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str) -> JSONResponse:
         return JSONResponse(stored.response(response_id))
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(
+        response_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        order: Literal["asc", "desc"] = "desc", include: Annotated[list[str] | None, Query()] = None,
+    ) -> JSONResponse:
+        # `include` asks for extra data (image URLs, logprobs) that text-only items do not have.
+        return JSONResponse(stored.input_items(response_id, after=after, limit=limit, order=order))
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> JSONResponse:

@@ -59,7 +59,7 @@ _ROLES = {"system", "developer", "user", "assistant", "tool"}
 def _param(loc: tuple[Any, ...]) -> str | None:
     """`("body", "messages", 0, "user", "content", "str")` -> `"messages[0].content"`: pydantic's
     union-member and discriminator tags are dropped, leaving the request's own field path."""
-    parts = list(loc[1:] if loc and loc[0] == "body" else loc)
+    parts = list(loc[1:] if loc and loc[0] in ("body", "query") else loc)
     out = ""
     for i, part in enumerate(parts):
         if isinstance(part, int):

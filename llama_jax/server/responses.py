@@ -9,7 +9,8 @@ Responses API's events (response.created, response.output_item.added, response.o
 
 Responses are stored unless `store` is false, in memory (the latest STORED_RESPONSES): a request
 with `previous_response_id` continues that response's conversation (its input and output items;
-not its instructions, as OpenAI does), and GET/DELETE /v1/responses/{id} read and remove one.
+not its instructions, as OpenAI does), GET/DELETE /v1/responses/{id} read and remove one, and
+GET /v1/responses/{id}/input_items lists the items it was made from.
 `conversation` (the Conversations API) and stored prompts are refused. The request models live
 here rather than in protocol.py because no other endpoint shares them.
 """
@@ -20,7 +21,7 @@ import collections
 import itertools
 import json
 import uuid
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal, NamedTuple
 
 from pydantic import (
     Field,
@@ -231,39 +232,85 @@ class ResponsesRequest(_Input):
         return list(self.input)
 
 
+class _Stored(NamedTuple):
+    response: dict[str, Any]
+    conversation: list[Item]  # the input items, then the output's
+    inputs: int  # how many of them were the input
+
+
 class ResponseStore:
     """Stored responses, the latest `size` of them: each one's response object and its whole
     conversation (the items of every request in its chain, and their outputs as input items)."""
 
     def __init__(self, size: int = STORED_RESPONSES):
         self.size = size
-        self._entries: collections.OrderedDict[str, tuple[dict[str, Any], list[Item]]] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[str, _Stored] = collections.OrderedDict()
 
-    def put(self, response: dict[str, Any], conversation: list[Item]) -> None:
-        self._entries[response["id"]] = (response, conversation)
+    def put(self, response: dict[str, Any], inputs: list[Item], outputs: list[Item]) -> None:
+        """Keep `response`, made from the conversation `inputs`, whose output items are `outputs`.
+        Items without an id get one, as OpenAI's stored items have."""
+        items = [item if item.id else item.model_copy(update={"id": _id(_ITEM_ID_PREFIX[item.type])})
+                 for item in inputs]
+        self._entries[response["id"]] = _Stored(response, items + outputs, len(items))
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
 
     def response(self, rid: str) -> dict[str, Any]:
-        return self._get(rid)[0]
+        return self._get(rid).response
 
     def conversation(self, rid: str) -> list[Item]:
         """The conversation `previous_response_id` names (a 400 on that field if none, as OpenAI's)."""
         if rid not in self._entries:
             raise APIError(400, f"Previous response with id {rid!r} not found.", param="previous_response_id",
                            code="previous_response_not_found")
-        return self._entries[rid][1]
+        return self._entries[rid].conversation
+
+    def input_items(self, rid: str, *, after: str | None = None, limit: int = 20,
+                    order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
+        """GET /v1/responses/{id}/input_items: a page of the items the response was made from
+        (those of its whole chain of previous responses too), newest first unless order="asc"."""
+        entry = self._get(rid)
+        items = [_listed(item) for item in entry.conversation[: entry.inputs]]
+        if order == "desc":
+            items.reverse()
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise APIError(400, f"after: no input item {after!r} in response {rid!r}", param="after")
+            items = items[ids.index(after) + 1:]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
     def delete(self, rid: str) -> dict[str, Any]:
         self._get(rid)
         del self._entries[rid]
         return {"id": rid, "object": "response", "deleted": True}
 
-    def _get(self, rid: str) -> tuple[dict[str, Any], list[Item]]:
+    def _get(self, rid: str) -> _Stored:
         if rid not in self._entries:
             raise APIError(404, f"No response with id {rid!r} (responses are kept in memory, the latest "
                                 f"{self.size}; one created with store=false is not kept)", code="not_found")
         return self._entries[rid]
+
+
+_ITEM_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
+def _listed(item: Item) -> dict[str, Any]:
+    """A stored item as OpenAI lists it: text content as parts, a status."""
+    if isinstance(item, MessageItem):
+        kind = "output_text" if item.role == "assistant" else "input_text"
+        parts = [TextPart(type=kind, text=item.content)] if isinstance(item.content, str) else item.content
+        content = [{"type": p.type, "text": p.text, **({"annotations": []} if p.type == "output_text" else {})}
+                   for p in parts]
+        return {"id": item.id, "type": "message", "role": item.role, "content": content, "status": "completed"}
+    if isinstance(item, FunctionCallItem):
+        return {"id": item.id, "type": "function_call", "call_id": item.call_id, "name": item.name,
+                "arguments": item.arguments, "status": "completed"}
+    output = item.output if isinstance(item.output, str) else [p.model_dump(exclude_none=True) for p in item.output]
+    return {"id": item.id, "type": "function_call_output", "call_id": item.call_id, "output": output,
+            "status": "completed"}
 
 
 def as_input(output: list[dict[str, Any]]) -> list[Item]:
@@ -474,7 +521,7 @@ async def create_response(ctx: ServerContext, body: ResponsesRequest, request: H
         final = response_object(ctx, body, rid, created, status=status, output=output.items,
                                 usage=_usage(len(job.ids), count, cached))
         if body.store is not False:
-            store.put(final, conversation + as_input(output.items))
+            store.put(final, conversation, as_input(output.items))
         yield f"response.{status}", {"response": final}
 
     if not body.stream:
