@@ -5,6 +5,10 @@
     python scripts/serve.py --ckpt ckpt/llama3.1-8b-instruct --mesh tp=8 --max-slots 32
     python scripts/serve.py --lora-modules pirate=adapters/pirate legal=adapters/legal
 
+vLLM's names for the same settings are accepted too (--model, --served-model-name, -tp/-dp,
+--max-num-seqs, --max-model-len, --no-enable-prefix-caching, --gpu-memory-utilization), as are
+--enable-auto-tool-choice and --tool-call-parser llama3_json (tool calls are always parsed).
+
 Then, with the official client:
 
     from openai import OpenAI
@@ -40,22 +44,35 @@ API_KEY_ENV = "LLAMA_JAX_API_KEY"  # read when --api-key is not given (a key on 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint: llama-jax, HF dir, Meta dir or .gguf (default: the demo model)")
+    p.add_argument("--ckpt", "--model", help="checkpoint: llama-jax, HF dir, Meta dir or .gguf (default: the demo model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint's directory name)")
+    p.add_argument("--model-name", "--served-model-name", help="the model id clients send (default: the checkpoint's directory name)")
     p.add_argument("--mesh", help='device mesh, e.g. "tp=8" or "dp=2,tp=4"')
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--max-slots", type=int, default=16, help="sequences decoded together (default 16)")
-    p.add_argument("--max-seq-len", type=int, default=4096, help="context per sequence, prompt + output")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, help="vLLM's spelling of --mesh tp=N")
+    p.add_argument("-dp", "--data-parallel-size", type=int, help="vLLM's spelling of --mesh dp=N (with -tp)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"],
+                   help="default (auto): bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--max-slots", "--max-num-seqs", type=int, default=16,
+                   help="sequences decoded together (default 16)")
+    p.add_argument("--max-seq-len", "--max-model-len", type=int, default=4096,
+                   help="context per sequence, prompt + output")
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help="fraction of each GPU's memory JAX reserves (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default "
+                        "is 0.75)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 503s")
     p.add_argument("--decode-steps", type=int, default=8, help="tokens per sequence per decode dispatch")
     p.add_argument("--prefill-budget", type=int,
                    help="prompt tokens prefilled between two decode dispatches (default: 4 x the largest bucket)")
     p.add_argument("--attention", choices=["xla", "pallas"], default="xla")
-    p.add_argument("--no-prefix-reuse", action="store_true",
+    p.add_argument("--no-prefix-reuse", "--no-enable-prefix-caching", action="store_true",
                    help="prefill every prompt whole, even when a free slot's cache holds its start")
     p.add_argument("--chat-template", help="a Jinja chat template (file or text) in place of the model's own")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted as vLLM takes it; tool calls are always parsed when a request gives tools")
+    p.add_argument("--tool-call-parser", choices=["llama3_json"],
+                   help="accepted as vLLM takes it; the Llama 3.1 parser (JSON calls, <|python_tag|> built-in "
+                        "calls) is the one there is")
     p.add_argument("--api-key", nargs="+", metavar="KEY", default=[],
                    help="require 'Authorization: Bearer KEY' (any of these) on every route but /health and "
                         f"/metrics; default: the {API_KEY_ENV} environment variable, else no key")
@@ -81,6 +98,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_slots", "max_seq_len", "max_queue", "decode_steps", "prefill_budget"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.dtype == "auto":
+        args.dtype = None
+    if args.tensor_parallel_size is not None or args.data_parallel_size is not None:
+        if args.mesh:
+            p.error("give --mesh or --tensor-parallel-size/--data-parallel-size, not both")
+        sizes = {"dp": args.data_parallel_size, "tp": args.tensor_parallel_size}
+        if any(n is not None and n < 1 for n in sizes.values()):
+            p.error("--tensor-parallel-size and --data-parallel-size must be >= 1")
+        args.mesh = ",".join(f"{axis}={n}" for axis, n in sizes.items() if n is not None)
+    if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
+        p.error("--gpu-memory-utilization must be in (0, 1]")
     if not 0 < args.port < 65536:
         p.error("--port must be in 1..65535")
     if not 0 <= args.lockstep_port < 65536:
@@ -132,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     # Our loggers at the chosen level; JAX's and Orbax's stay at warnings.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("llama_jax").setLevel(args.log_level.upper())
+    if args.gpu_memory_utilization is not None:  # read when the backend starts, which is below
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(args.gpu_memory_utilization)
     try:
         multi_host = initialize_from_args(args)  # before anything starts the JAX backend
         llm = llama_jax.api.load(

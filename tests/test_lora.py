@@ -553,6 +553,23 @@ def test_serve_script_parses_lora_modules() -> None:
             serve.parse_args(bad)
 
 
+def test_serve_script_takes_vllm_flags() -> None:
+    serve = _load_script("serve")
+    ours = serve.parse_args(["--ckpt", "c", "--model-name", "m", "--mesh", "dp=2,tp=4", "--max-slots", "32",
+                             "--max-seq-len", "8192", "--no-prefix-reuse"])
+    theirs = serve.parse_args(["--model", "c", "--served-model-name", "m", "-dp", "2", "--tensor-parallel-size", "4",
+                               "--max-num-seqs", "32", "--max-model-len", "8192", "--no-enable-prefix-caching",
+                               "--enable-auto-tool-choice", "--tool-call-parser", "llama3_json", "--dtype", "auto"])
+    for name in ("ckpt", "model_name", "mesh", "max_slots", "max_seq_len", "no_prefix_reuse", "dtype"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert serve.parse_args(["-tp", "8"]).mesh == "tp=8" and theirs.dtype is None
+    assert serve.parse_args(["--gpu-memory-utilization", "0.9"]).gpu_memory_utilization == 0.9
+    for bad in (["-tp", "8", "--mesh", "tp=8"], ["-tp", "0"], ["--gpu-memory-utilization", "1.5"],
+                ["--tool-call-parser", "hermes"]):
+        with pytest.raises(SystemExit):
+            serve.parse_args(bad)
+
+
 def test_serve_script_takes_api_keys_from_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     serve = _load_script("serve")
     monkeypatch.delenv(serve.API_KEY_ENV, raising=False)
