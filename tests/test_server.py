@@ -1211,6 +1211,41 @@ def test_responses_are_stored_and_continued(scripted: openai.OpenAI, scripted_ll
         scripted.responses.create(model=SCRIPTED, previous_response_id=unstored.id, input="Hi")
 
 
+def test_background_responses(scripted: openai.OpenAI, scripted_llm: LLM, scripted_url: str) -> None:
+    """background=true answers at once (queued); the response generates with no client attached,
+    GET shows it finished, and cancel stops one that runs (its slot freed)."""
+    with script(scripted_llm, "Done in the background.", delay=0.05):
+        queued = scripted.responses.create(model=SCRIPTED, input="Hi", background=True)
+        assert queued.status in ("queued", "in_progress") and queued.background and queued.output == []
+        with pytest.raises(openai.BadRequestError, match="still in progress"):
+            scripted.responses.create(model=SCRIPTED, input="And?", previous_response_id=queued.id)
+        _wait_idle(scripted_llm, within=10.0)
+    done = scripted.responses.retrieve(queued.id)
+    assert done.status == "completed" and done.output_text == "Done in the background." and done.usage.output_tokens
+    assert scripted.responses.cancel(queued.id).status == "completed"  # finished: returned as it is
+    with script(scripted_llm, "Follow-up."):
+        follow = scripted.responses.create(model=SCRIPTED, input="And?", previous_response_id=queued.id)
+    assert follow.output_text == "Follow-up."
+    with script(scripted_llm, " word" * 1000, delay=0.05):  # 12 s at 4 tokens per 50 ms
+        running = scripted.responses.create(model=SCRIPTED, input="Hi", background=True)
+        deadline = time.monotonic() + 10
+        while scripted.responses.retrieve(running.id).status != "in_progress":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        cancelled = scripted.responses.cancel(running.id)
+        assert cancelled.status == "cancelled" and scripted.responses.retrieve(running.id).status == "cancelled"
+        _wait_idle(scripted_llm, within=2.0)
+        again = scripted.responses.create(model=SCRIPTED, input="Hi", background=True)
+        scripted.responses.delete(again.id)  # deleting a running one stops it too
+        _wait_idle(scripted_llm, within=2.0)
+    with script(scripted_llm, "Kept."):
+        plain = scripted.responses.create(model=SCRIPTED, input="Hi")
+    with pytest.raises(openai.BadRequestError, match="only background responses can be cancelled"):
+        scripted.responses.cancel(plain.id)
+    with pytest.raises(openai.NotFoundError):
+        scripted.responses.cancel("resp_nope")
+
+
 def test_response_store_keeps_the_latest() -> None:
     from llama_jax.server.responses import ResponseStore
 
@@ -1282,7 +1317,8 @@ def test_responses_structured_output(client: openai.OpenAI) -> None:
     ({"input": []}, "input"),
     ({"input": "x", "max_output_tokens": 10**6}, "max_output_tokens"),
     ({"input": "word " * 3000}, "input"),
-    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "background": True, "store": False}, "background"),
+    ({"input": "x", "background": True, "stream": True}, "background"),
 ])
 def test_responses_bad_requests(scripted_url: str, body: dict, param: str) -> None:
     r = httpx.post(f"{scripted_url}/v1/responses", json={"model": SCRIPTED, **body}, timeout=30)

@@ -112,6 +112,10 @@ def create_app(
         # `include` asks for extra data (image URLs, logprobs) that text-only items do not have.
         return JSONResponse(stored.input_items(response_id, after=after, limit=limit, order=order))
 
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str) -> JSONResponse:
+        return JSONResponse(await stored.cancel(response_id))
+
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> JSONResponse:
         return JSONResponse(stored.delete(response_id))

@@ -148,13 +148,14 @@ def sampling_params(
     return [base.replace(seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
 
 
-async def events(sub: Submission, request: HTTPRequest) -> AsyncIterator[tuple[int, Event]]:
+async def events(sub: Submission, request: HTTPRequest | None) -> AsyncIterator[tuple[int, Event]]:
     """(choice index, event) as the engine produces them, until every choice has finished.
-    Raises ClientGone if the client disconnects and a 500 APIError if the engine failed."""
+    Raises ClientGone if the client (`request`; None: no client waits) disconnects and a 500
+    APIError if the engine failed."""
     remaining = len(sub.requests)
     next_check = time.monotonic() + DISCONNECT_POLL_S
     while remaining:
-        if time.monotonic() >= next_check:
+        if request is not None and time.monotonic() >= next_check:
             if await request.is_disconnected():
                 raise ClientGone()
             next_check = time.monotonic() + DISCONNECT_POLL_S

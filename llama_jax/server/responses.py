@@ -10,18 +10,22 @@ Responses API's events (response.created, response.output_item.added, response.o
 Responses are stored unless `store` is false, in memory (the latest STORED_RESPONSES): a request
 with `previous_response_id` continues that response's conversation (its input and output items;
 not its instructions, as OpenAI does), GET/DELETE /v1/responses/{id} read and remove one, and
-GET /v1/responses/{id}/input_items lists the items it was made from.
+GET /v1/responses/{id}/input_items lists the items it was made from. A `background` request is
+answered at once (status "queued"), generates with no client attached (GET shows its progress and
+result), and POST /v1/responses/{id}/cancel stops it.
 `conversation` (the Conversations API) and stored prompts are refused. The request models live
 here rather than in protocol.py because no other endpoint shares them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import itertools
 import json
 import uuid
-from typing import Annotated, Any, AsyncIterator, Literal, NamedTuple
+from typing import Annotated, Any, AsyncIterator, Callable, Coroutine, Literal, NamedTuple
 
 from pydantic import (
     Field,
@@ -148,8 +152,8 @@ class ResponsesRequest(_Input):
     truncation: Literal["auto", "disabled"] | None = None  # a prompt too long is a 400 either way
     store: StrictBool | None = None  # default true: kept for previous_response_id and GET
     previous_response_id: Text | None = None
+    background: StrictBool | None = None  # answer at once (queued); GET shows progress, cancel stops it
     # Accepted and without effect here: routing and reasoning hints.
-    background: Literal[False] | None = None
     metadata: dict[str, Text] | None = None
     user: Text | None = None
     safety_identifier: Text | None = None
@@ -213,6 +217,15 @@ class ResponsesRequest(_Input):
         check_function_names([t.name for t in tools or []])
         return tools
 
+    @field_validator("background")
+    @classmethod
+    def _background_is_stored(cls, background: bool | None, info: ValidationInfo) -> bool | None:
+        if background and info.data.get("store") is False:
+            raise ValueError("a background response is stored: store must not be false")
+        if background and info.data.get("stream"):
+            raise ValueError("background responses are not streamed by this server; poll GET /v1/responses/{id}")
+        return background
+
     @field_validator("tool_choice")
     @classmethod
     def _choice_in_tools(cls, choice: Any, info: ValidationInfo) -> Any:
@@ -245,6 +258,7 @@ class ResponseStore:
     def __init__(self, size: int = STORED_RESPONSES):
         self.size = size
         self._entries: collections.OrderedDict[str, _Stored] = collections.OrderedDict()
+        self._running: dict[str, asyncio.Task] = {}  # background responses still generating
 
     def put(self, response: dict[str, Any], inputs: list[Item], outputs: list[Item]) -> None:
         """Keep `response`, made from the conversation `inputs`, whose output items are `outputs`.
@@ -263,7 +277,42 @@ class ResponseStore:
         if rid not in self._entries:
             raise APIError(400, f"Previous response with id {rid!r} not found.", param="previous_response_id",
                            code="previous_response_not_found")
+        if rid in self._running:
+            raise APIError(400, f"Previous response with id {rid!r} is still in progress.",
+                           param="previous_response_id")
         return self._entries[rid].conversation
+
+    def run(self, rid: str, work: Coroutine[Any, Any, None], cleanup: Callable[[], None]) -> None:
+        """Generate background response `rid` (already put, queued) with `work`, which puts its
+        end; `cleanup` runs after it, even if it is cancelled before it starts."""
+
+        def done(task: asyncio.Task) -> None:
+            self._running.pop(rid, None)
+            cleanup()
+            if task.cancelled():
+                self.set_status(rid, "cancelled")
+
+        task = asyncio.get_running_loop().create_task(work)
+        self._running[rid] = task
+        task.add_done_callback(done)
+
+    def set_status(self, rid: str, status: str, **fields: Any) -> None:
+        if rid in self._entries:
+            self._entries[rid].response.update(status=status, **fields)
+
+    async def cancel(self, rid: str) -> dict[str, Any]:
+        """POST /v1/responses/{id}/cancel: stop a background response; a finished one is returned
+        as it is."""
+        entry = self._get(rid)
+        if not entry.response.get("background"):
+            raise APIError(400, f"Response {rid!r} was not created with background=true: only background "
+                                "responses can be cancelled.")
+        task = self._running.get(rid)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return entry.response
 
     def input_items(self, rid: str, *, after: str | None = None, limit: int = 20,
                     order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
@@ -284,6 +333,8 @@ class ResponseStore:
 
     def delete(self, rid: str) -> dict[str, Any]:
         self._get(rid)
+        if rid in self._running:
+            self._running[rid].cancel()
         del self._entries[rid]
         return {"id": rid, "object": "response", "deleted": True}
 
@@ -473,7 +524,7 @@ def response_object(ctx: ServerContext, body: ResponsesRequest, rid: str, create
                         else body.tool_choice or "auto"),
         "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
         "truncation": body.truncation or "disabled", "usage": usage, "user": body.user,
-        "metadata": body.metadata or {},
+        "metadata": body.metadata or {}, "background": bool(body.background),
     }
 
 
@@ -505,7 +556,7 @@ async def create_response(ctx: ServerContext, body: ResponsesRequest, request: H
         output = _Output(max_calls)
         pending: list[dict[str, Any]] = []  # logprobs of tokens whose text is held back
         count, cached, incomplete = 0, 0, False
-        async for _, ev in events(job.sub, request):
+        async for _, ev in events(job.sub, None if body.background else request):
             pending += [lp.model_dump() for lp in chat_logprobs(ctx, ev.logprobs or [])]
             deltas = (parser.feed(ev.text) if parser else [{"content": ev.text}]) if ev.text else []
             if ev.finish_reason is not None:
@@ -523,6 +574,21 @@ async def create_response(ctx: ServerContext, body: ResponsesRequest, request: H
         if body.store is not False:
             store.put(final, conversation, as_input(output.items))
         yield f"response.{status}", {"response": final}
+
+    if body.background:
+        queued = response_object(ctx, body, rid, created, status="queued", output=[])
+        store.put(queued, conversation, [])
+
+        async def work() -> None:
+            try:
+                async for kind, _ in generate():  # the last event comes after it puts the finished response
+                    if kind not in ("response.completed", "response.incomplete"):
+                        store.set_status(rid, "in_progress")
+            except APIError as e:
+                store.set_status(rid, "failed", error={"code": "server_error", "message": e.message})
+
+        store.run(rid, work(), cleanup=job.sub.cancel)
+        return Response(json.dumps(queued), media_type="application/json")
 
     if not body.stream:
         last: dict[str, Any] = {}
