@@ -71,15 +71,27 @@ class Leader:
             llm.scheduler.engine = llm.engine
         self.llm = _Mirror(llm, "llm", LLM_CALLS, self._send)
 
+    def problem(self) -> str | None:
+        """What stops the job, or None: a process that has gone away. A follower never writes
+        after joining, so a readable connection is one it closed (it exited or died); the next
+        device call is refused, but one already running waits for it in a collective forever, so
+        the server's /health reports this (create_app's `health_checks`) for a supervisor to act."""
+        for i, conn in enumerate(list(self._peers)):
+            try:
+                if conn.poll(0):
+                    return f"process {i + 1} has gone away; restart the job"
+            except (OSError, ValueError):  # closed meanwhile by close(): the job is ending anyway
+                return None
+        return None
+
     def _send(self, message: tuple) -> None:
         if self._closed:
             raise LockstepError("the other processes were released (Leader.close): no more device calls")
+        problem = self.problem()
+        if problem is not None:  # refused rather than left waiting for it in a collective forever
+            raise LockstepError(problem)
         for i, conn in enumerate(self._peers):
-            # A follower never writes after joining: a readable connection is one it closed (it
-            # exited or died). Refuse the call rather than wait for it in a collective forever.
             try:
-                if conn.poll(0):
-                    raise LockstepError(f"process {i + 1} has gone away; restart the job")
                 conn.send(message)
             except OSError as e:
                 raise LockstepError(f"process {i + 1} can no longer be reached ({e}); restart the job") from e

@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="require 'Authorization: Bearer KEY' (any of these) on every route but /health and "
                         f"/metrics; default: the {API_KEY_ENV} environment variable, else no key")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body (413 beyond)")
+    p.add_argument("--stall-timeout", type=float, default=600.0,
+                   help="/health answers 503 while one engine step has run longer than this (seconds; 0: never)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the common shapes before serving")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--adapters", help="LoRA adapter directory (scripts/finetune.py --out)")
@@ -107,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if any(n is not None and n < 1 for n in sizes.values()):
             p.error("--tensor-parallel-size and --data-parallel-size must be >= 1")
         args.mesh = ",".join(f"{axis}={n}" for axis, n in sizes.items() if n is not None)
+    if args.stall_timeout < 0:
+        p.error("--stall-timeout must be >= 0")
     if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
         p.error("--gpu-memory-utilization must be in (0, 1]")
     if not 0 < args.port < 65536:
@@ -190,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"warm-up (compiling) took {warm_up(llm):.1f}s", file=sys.stderr)
         try:
             app = create_app(llm, model_name=args.model_name, max_queue=args.max_queue,
-                             max_body_bytes=int(args.max_body_mb * (1 << 20)), api_keys=args.api_key)
+                             max_body_bytes=int(args.max_body_mb * (1 << 20)), api_keys=args.api_key,
+                             stall_timeout=args.stall_timeout or None,
+                             health_checks=[leader.problem] if leader is not None else [])
         except ValueError as e:  # e.g. an adapter named like the model
             sys.exit(f"error: {e}")
         served = ", ".join(repr(m) for m in (app.state.ctx.model_name, *app.state.ctx.adapter_names))

@@ -200,8 +200,13 @@ def test_a_follower_gone_away_fails_the_next_device_call() -> None:
     leader = lockstep.Leader(SimpleNamespace(engine=engine, scheduler=None), [ours])
     leader.llm.engine.decode()
     assert theirs.recv() == ("engine.decode", (), {}) and ran == ["decode"]
+    assert leader.problem() is None
     theirs.close()
     assert leader.llm.engine.free_slots() == [0]  # reads stay local
     with pytest.raises(lockstep.LockstepError, match="process 1 has gone away"):
         leader.llm.engine.decode()
     assert ran == ["decode"]
+    # What the server's /health reports (a call already running would wait on it forever).
+    assert leader.problem() == "process 1 has gone away; restart the job"
+    leader.close()
+    assert leader.problem() is None

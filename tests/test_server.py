@@ -244,6 +244,32 @@ def test_models_and_health(client: openai.OpenAI, url: str) -> None:
     assert httpx.get(f"{url}/version").json() == {"version": importlib.metadata.version("llama-jax")}
 
 
+def test_health_reports_a_stalled_step_and_failed_checks(tiny_llm: LLM) -> None:
+    """A step running past stall_timeout (a hung device or collective) makes /health a 503, as
+    does a failing extra check (a lockstep process gone), so a supervisor restarts the server."""
+    llm = make_scripted(tiny_llm)
+    problems: list[str] = []
+    app = create_app(llm, model_name=SCRIPTED, stall_timeout=0.3, health_checks=[lambda: next(iter(problems), None)])
+    with live(app) as u, script(llm, "Slow.", delay=1.0):
+        assert httpx.get(f"{u}/health").status_code == 200
+        client = openai.OpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0, timeout=60)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(client.chat.completions.create, model=SCRIPTED, messages=USER)
+            deadline = time.monotonic() + 10
+            while (r := httpx.get(f"{u}/health")).status_code == 200:
+                assert time.monotonic() < deadline, "a step of 1 s never showed as stalled"
+                time.sleep(0.05)
+            err = assert_error(r, 503, None)
+            assert err["code"] == "engine_stalled" and "over 0.3 s" in err["message"]
+            assert reply.result().choices[0].message.content == "Slow."
+        assert httpx.get(f"{u}/health").status_code == 200  # between steps
+        problems.append("process 1 has gone away; restart the job")
+        err = assert_error(httpx.get(f"{u}/health"), 503, None)
+        assert err["message"] == problems[0] and err["code"] == "engine_down"
+    with pytest.raises(ValueError, match="stall_timeout"):
+        create_app(llm, stall_timeout=0)
+
+
 def test_chat_stream_equals_non_stream(client: openai.OpenAI, tiny_llm: LLM) -> None:
     kw = dict(model=MODEL, messages=USER, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
     full = client.chat.completions.create(**kw)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import time
-from typing import Annotated, Any, AsyncIterator, Literal, Sequence
+from typing import Annotated, Any, AsyncIterator, Callable, Literal, Sequence
 
 from fastapi import FastAPI, Query, Request
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -37,6 +37,8 @@ from .tokens import detokenize, tokenize
 from .worker import EngineWorker
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
+# Longer than a large model's first compilation of a new shape (minutes), which runs in a step.
+DEFAULT_STALL_TIMEOUT_S = 600.0
 
 
 def default_model_name(llm: Any) -> str:
@@ -51,6 +53,8 @@ def create_app(
     max_queue: int | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     api_keys: Sequence[str] = (),
+    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT_S,
+    health_checks: Sequence[Callable[[], str | None]] = (),
 ) -> FastAPI:
     """An OpenAI-compatible app serving `llm` (a `llama_jax.api.LLM` with a tokenizer).
 
@@ -58,9 +62,15 @@ def create_app(
     `max_body_bytes`: larger request bodies get 413.
     `api_keys`: when given, every route but /health and /metrics needs `Authorization: Bearer KEY`
     with one of them (401 otherwise).
+    `stall_timeout`: /health answers 503 while one engine step has run longer than this many
+    seconds (a hung device or collective; None: never), so a supervisor can restart the server.
+    `health_checks`: more checks for /health, each returning what is wrong or None (e.g.
+    `lockstep.Leader.problem`).
     """
     if any(not key for key in api_keys):
         raise ValueError("an API key is empty")
+    if stall_timeout is not None and stall_timeout <= 0:
+        raise ValueError(f"stall_timeout must be positive (or None), got {stall_timeout}")
     if llm.scheduler is None:
         raise ValueError("the LLM has no tokenizer, so it cannot be served")
     if max_queue is not None:
@@ -148,6 +158,14 @@ def create_app(
             raise APIError(503, "the engine thread is not running", code="engine_down")
         if worker.last_error is not None:
             raise APIError(503, "the engine's last step failed", code="engine_error")
+        busy = worker.busy_for
+        if stall_timeout is not None and busy > stall_timeout:
+            raise APIError(503, f"an engine step has run for {busy:.0f} s (over {stall_timeout:g} s)",
+                           code="engine_stalled")
+        for check in health_checks:
+            problem = check()
+            if problem is not None:
+                raise APIError(503, problem, code="engine_down")
         return JSONResponse({"status": "ok"})
 
     @app.get("/version")

@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 import weakref
 from typing import Any, Callable, Sequence
@@ -53,6 +54,7 @@ class EngineWorker:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None  # set when a step fails, cleared by the next good one
+        self._busy_since: float | None = None  # when the device work now running began
 
     # ---- lifecycle ----
     def start(self) -> None:
@@ -78,6 +80,13 @@ class EngineWorker:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def busy_for(self) -> float:
+        """Seconds the current step (or call) has been running; 0 between steps. One that never
+        ends (a hung device, a collective waiting on a lost process) shows here."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     # ---- called from the event loop ----
     def submit(self, jobs: Sequence[tuple[list[int], SamplingParams]], loop: asyncio.AbstractEventLoop,
@@ -132,11 +141,15 @@ class EngineWorker:
                 calls, self._calls = self._calls, []
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
+                    self._busy_since = time.monotonic()
                     try:
                         future.set_result(fn())
                     except BaseException as e:  # handed to the caller, which reports it
                         future.set_exception(e)
+                    finally:
+                        self._busy_since = None
             if sched.has_work():
+                self._busy_since = time.monotonic()
                 try:
                     sched.step()
                     self.last_error = None
@@ -144,6 +157,8 @@ class EngineWorker:
                     log.exception("engine step failed; failing the requests in flight")
                     self.last_error = f"{type(e).__name__}: {e}"
                     self._fail_all("the engine failed while running this request")
+                finally:
+                    self._busy_since = None
 
     def _on_event(self, event: Event) -> None:
         entry = self._live.get(event.request_id)
