@@ -60,6 +60,9 @@ class Event:
     completion_tokens: int
     time: float
     cached_tokens: int = 0  # prompt tokens found in the slot's cache (prefix reuse)
+    # vLLM's: the stop string or stop_token_ids entry that ended the request; None for the
+    # model's own end tokens and every other ending.
+    stop_reason: str | int | None = None
 
 
 @dataclasses.dataclass
@@ -74,6 +77,7 @@ class Request:
     output: list[int] = dataclasses.field(default_factory=list)
     cancelled: bool = False
     done: bool = False
+    stop_reason: str | int | None = None  # as Event's
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     stop_ids: frozenset[int] = frozenset()  # tokens that end it: set at admission
@@ -89,6 +93,7 @@ class _StopText:
         self.stops = stops
         self.include_stop = include_stop
         self.pending = ""
+        self.hit: str | None = None  # the stop string found
 
     def push(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was hit)."""
@@ -100,7 +105,7 @@ class _StopText:
         if hits:
             at, k = min(hits)  # the earliest; of stops found at one place, the first listed
             end = at + len(self.stops[k]) if self.include_stop else at
-            out, self.pending = self.pending[:end], ""
+            out, self.pending, self.hit = self.pending[:end], "", self.stops[k]
             return out, True
         hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
         cut = len(self.pending) - hold
@@ -380,6 +385,8 @@ class Scheduler:
                 req.first_token_time = time.perf_counter()
             if token in req.stop_ids:
                 finish = "stop"
+                if token not in self.stop_ids:  # one of the request's stop_token_ids
+                    req.stop_reason = token
                 break
             if req.matcher is not None and not req.matcher.advance(token):
                 # Only when every allowed token was banned (min_tokens holding back the end).
@@ -395,7 +402,7 @@ class Scheduler:
             piece, hit = stop_text.push(decoder.add(token))
             text += piece
             if hit:
-                finish = "stop"
+                finish, req.stop_reason = "stop", stop_text.hit
                 break
             if req.matcher is not None and req.matcher.finished:  # nothing can follow
                 finish = "stop"
@@ -425,7 +432,7 @@ class Scheduler:
 
     def _event(self, req: Request, new: list[int], text: str, lps, reason: str | None) -> Event:
         return Event(req.id, new, text, lps, reason, len(req.prompt), len(req.output), time.perf_counter(),
-                     req.cached_tokens)
+                     req.cached_tokens, req.stop_reason if reason is not None else None)
 
     def _forget_done(self) -> None:
         for rid in [rid for rid, r in self._by_id.items() if r.done]:

@@ -596,6 +596,19 @@ def test_stop_strings(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
     assert r.choices[0].message.content == "Hello world. " and r.choices[0].finish_reason == "stop"
     assert s["content"] == "Hello world. " and s["finish"] == "stop"
     assert c.choices[0].text == "Hello world. STOP " and c.choices[0].finish_reason == "stop"
+    # vLLM's stop_reason: the stop string, or the stop_token_ids entry, that ended the choice.
+    assert r.choices[0].stop_reason == "STOP" and c.choices[0].stop_reason == "and"
+    world = scripted_llm.tokenizer.encode(" world")[0]
+    with script(scripted_llm, "Hello world. STOP and more text"):
+        by_id = scripted.completions.create(model=SCRIPTED, prompt="x", extra_body={"stop_token_ids": [world]})
+        body = {"model": SCRIPTED, "messages": USER, "stop": ["more"], "stream": True}
+        with httpx.stream("POST", f"{scripted.base_url}chat/completions", json=body, timeout=30) as stream:
+            chunks = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
+    with script(scripted_llm, "Hi."):
+        plain = scripted.chat.completions.create(model=SCRIPTED, messages=USER)
+    assert by_id.choices[0].text == "Hello" and by_id.choices[0].stop_reason == world
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["choices"][0]["stop_reason"] == "more"
+    assert plain.choices[0].stop_reason is None  # the model's own end of turn
     # vLLM's include_stop_str_in_output: the stop string found first stays (of two at one place,
     # the first listed), streamed or not.
     keep = {"include_stop_str_in_output": True}

@@ -169,6 +169,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         texts = [""] * n
         lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
         reasons = ["stop"] * n
+        stops: list[str | int | None] = [None] * n
         counts = [0] * n
         tokens: list[list[int]] = [[] for _ in range(n)]
         cached = 0
@@ -183,6 +184,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
                 counts[i] = ev.completion_tokens
                 cached = ev.cached_tokens if i == 0 else cached
                 reasons[i] = ev.finish_reason or reasons[i]
+                stops[i] = ev.stop_reason if ev.finish_reason is not None else stops[i]
         except ClientGone:
             return Response(status_code=499)
         finally:
@@ -200,7 +202,8 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
             )
             logprobs = ChoiceLogprobs(content=chat_logprobs(ctx, lps[i])) if body.logprobs else None
             choices.append(ChatChoice(index=i, message=message, logprobs=logprobs,
-                                      finish_reason="tool_calls" if calls else reasons[i], token_ids=tokens[i]))
+                                      finish_reason="tool_calls" if calls else reasons[i], stop_reason=stops[i],
+                                      token_ids=tokens[i]))
         usage = Usage.of(len(ids), sum(counts), cached)
         out = ChatCompletion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage,
                              prompt_logprobs=prompt_lps, prompt_token_ids=ids)
@@ -245,7 +248,8 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
                 logprobs = token_ids = None
             if ev.finish_reason is not None:
                 reason = "tool_calls" if saw_call[i] else ev.finish_reason
-                yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=reason)], live())
+                yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=reason, stop_reason=ev.stop_reason)],
+                            live())
         if body.include_usage:
             yield chunk([], Usage.of(len(ids), sum(counts), cached))
 

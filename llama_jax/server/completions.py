@@ -166,6 +166,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
 
     if not body.stream:
         texts, lps, reasons, counts, cached = [], [], ["stop"] * total, [0] * total, [0] * total
+        stops: list[str | int | None] = [None] * total
         tokens: list[list[int]] = [[] for _ in range(total)]
         for i in range(total):
             t, lp = echo(i)
@@ -180,12 +181,13 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
                 counts[i] = ev.completion_tokens
                 cached[i] = ev.cached_tokens
                 reasons[i] = ev.finish_reason or reasons[i]
+                stops[i] = ev.stop_reason if ev.finish_reason is not None else stops[i]
         except ClientGone:
             return Response(status_code=499)
         finally:
             sub.cancel()
         choices = [CompletionChoice(index=i, text=texts[i], logprobs=lps[i], finish_reason=reasons[i],
-                                    prompt_logprobs=vllm_lps[i // n], prompt_token_ids=encoded[i // n],
+                                    stop_reason=stops[i], prompt_logprobs=vllm_lps[i // n], prompt_token_ids=encoded[i // n],
                                     token_ids=tokens[i]) for i in range(total)]
         usage = Usage.of(prompt_tokens, sum(counts), sum(cached[::n]))  # each prompt once: its first choice
         out = Completion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)
@@ -218,7 +220,8 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
             if ev.finish_reason is None and not ev.text and not ev.token_ids:
                 continue
             yield chunk([CompletionChoice(index=i, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason,
-                                          prompt_token_ids=prompt_ids(i), token_ids=list(ev.token_ids))], live())
+                                          stop_reason=ev.stop_reason, prompt_token_ids=prompt_ids(i),
+                                          token_ids=list(ev.token_ids))], live())
         if body.include_usage:
             yield chunk([], Usage.of(prompt_tokens, sum(counts), sum(cached[::n])))
 

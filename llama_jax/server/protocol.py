@@ -583,6 +583,7 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
     token_ids: list[int] | None = None  # with return_token_ids
 
 
@@ -629,6 +630,7 @@ class ChunkChoice(BaseModel):
     delta: Delta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
     token_ids: list[int] | None = None  # with return_token_ids: the tokens this chunk's text came from
 
 
@@ -655,6 +657,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: LegacyLogprobs | None = None
     finish_reason: str | None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
     prompt_logprobs: PromptLogprobs | None = None
     prompt_token_ids: list[int] | None = None  # with return_token_ids (streamed: in the choice's first chunk)
     token_ids: list[int] | None = None  # with return_token_ids
