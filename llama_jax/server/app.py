@@ -21,6 +21,7 @@ from .chat import create_chat_completion
 from .completions import create_completion
 from .errors import APIError, send_error
 from .generation import ServerContext
+from .messages import CountTokensRequest, MessagesRequest, count_tokens, create_message
 from .metrics import ServerMetrics
 from .protocol import (
     ChatCompletionRequest,
@@ -130,6 +131,14 @@ def create_app(
     async def delete_response(response_id: str) -> JSONResponse:
         return JSONResponse(stored.delete(response_id))
 
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        return await create_message(ctx, body, request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def messages_count_tokens(body: CountTokensRequest) -> JSONResponse:
+        return JSONResponse(await count_tokens(ctx, body))
+
     @app.post("/tokenize")
     async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
         return await tokenize(ctx, body)
@@ -191,8 +200,9 @@ def create_app(
 
 
 class RequireKey:
-    """Answers 401 unless the request carries `Authorization: Bearer KEY` with one of `keys`
-    (compared in constant time); `open_paths` need none (probes, Prometheus)."""
+    """Answers 401 unless the request carries `Authorization: Bearer KEY` (or, as Anthropic's
+    clients send it, `x-api-key: KEY`) with one of `keys` (compared in constant time);
+    `open_paths` need none (probes, Prometheus)."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[str], open_paths: set[str]):
         self.app = app
@@ -200,10 +210,12 @@ class RequireKey:
         self.open_paths = open_paths
 
     def _allowed(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         if scheme.lower() != b"bearer":
-            return False
+            token = headers.get(b"x-api-key", b"")
+            if not token:
+                return False
         token = token.strip()
         # Every key is compared (a list, not a short-circuiting generator): the time taken does not
         # depend on which key, if any, matched.
@@ -212,9 +224,9 @@ class RequireKey:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths or self._allowed(scope):
             return await self.app(scope, receive, send)
-        await send_error(send, APIError(401, "a valid API key is needed: send 'Authorization: Bearer <key>'",
-                                        code="invalid_api_key"),
-                         headers=[(b"www-authenticate", b"Bearer")])
+        await send_error(send, APIError(401, "a valid API key is needed: send 'Authorization: Bearer <key>' "
+                                             "(or 'x-api-key: <key>')", code="invalid_api_key"),
+                         headers=[(b"www-authenticate", b"Bearer")], path=scope["path"])
 
 
 class BodyLimit:
@@ -234,9 +246,9 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                return await send_error(send, APIError(400, "invalid Content-Length header"))
+                return await send_error(send, APIError(400, "invalid Content-Length header"), path=scope["path"])
             if int(length) > self.max_bytes:
-                return await send_error(send, self._too_large())
+                return await send_error(send, self._too_large(), path=scope["path"])
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -245,7 +257,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return await send_error(send, self._too_large())
+                return await send_error(send, self._too_large(), path=scope["path"])
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

@@ -1,5 +1,6 @@
 """Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, for every failure:
-validation, unknown routes and models, oversized bodies, overload and internal errors."""
+validation, unknown routes and models, oversized bodies, overload and internal errors; under
+/v1/messages (Anthropic's Messages API) in Anthropic's, `{"type": "error", "error": {"type", "message"}}`."""
 
 from __future__ import annotations
 
@@ -34,19 +35,33 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
-def error_body(err: APIError) -> bytes:
-    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+ANTHROPIC_PREFIX = "/v1/messages"
+_ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+
+
+def anthropic_error(err: APIError) -> dict[str, Any]:
+    kind = _ANTHROPIC_TYPES.get(err.status, "invalid_request_error" if err.status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def error_body(err: APIError, path: str = "") -> bytes:
+    """The error as the API at `path` shapes it (Anthropic's under /v1/messages, else OpenAI's)."""
+    if path.startswith(ANTHROPIC_PREFIX):
+        body = anthropic_error(err)
+    else:
+        body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
     # ASCII-only JSON: a message that quotes input can never fail to encode.
     return json.dumps(body).encode()
 
 
-def error_response(err: APIError) -> Response:
-    return Response(error_body(err), status_code=err.status, media_type="application/json")
+def error_response(err: APIError, path: str = "") -> Response:
+    return Response(error_body(err, path), status_code=err.status, media_type="application/json")
 
 
-async def send_error(send: Send, err: APIError, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+async def send_error(send: Send, err: APIError, headers: Sequence[tuple[bytes, bytes]] = (), path: str = "") -> None:
     """Answer from ASGI middleware, before the app runs."""
-    body = error_body(err)
+    body = error_body(err, path)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -88,7 +103,7 @@ def _validation_message(e: dict[str, Any]) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -102,7 +117,7 @@ def install(app: FastAPI) -> None:
             message = f"{param}: {message}"
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-        return error_response(APIError(400, message, param=param))
+        return error_response(APIError(400, message, param=param), request.url.path)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> Response:
@@ -114,9 +129,9 @@ def install(app: FastAPI) -> None:
             err = APIError(400, f"the request body could not be read as UTF-8 JSON ({exc.detail})")
         else:
             err = APIError(exc.status_code, str(exc.detail))
-        return error_response(err)
+        return error_response(err, request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:
         log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(APIError(500, "internal server error", code="internal_error"))
+        return error_response(APIError(500, "internal server error", code="internal_error"), request.url.path)
