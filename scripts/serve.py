@@ -18,7 +18,8 @@ Then, with the official client:
 
 --ckpt takes a llama-jax checkpoint, an HF directory, a Meta directory or a GGUF file (converted
 on first use and cached); without it, SmolLM2-135M-Instruct. Endpoints: /v1/chat/completions,
-/v1/completions, /v1/responses, /tokenize, /detokenize, /v1/models, /health, /metrics (Prometheus).
+/v1/completions, /v1/responses, /v1/messages (Anthropic's), /tokenize, /detokenize, /v1/models, /health,
+/metrics (Prometheus).
 
 Several hosts (e.g. 405B in bf16 on two 8-GPU nodes): run it on every host with the same
 --coordinator and --num-processes and its own --process-id, on a converted checkpoint on a
