@@ -203,11 +203,14 @@ class LLM:
         yield from self._stream(ids, sampling)
 
     def chat(
-        self, messages: list[dict], tools: list[dict] | None = None, sampling: SamplingParams | None = None,
-        *, adapter: str | int = 0, continue_final_message: bool = False,
+        self, messages: list[dict] | Sequence[list[dict]], tools: list[dict] | None = None,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        *, adapter: str | int | Sequence[str | int] = 0, continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None, **overrides: Any,
-    ) -> ChatResponse:
-        """One assistant turn: content and parsed tool calls in OpenAI form (`adapter`: as in generate).
+    ) -> ChatResponse | list[ChatResponse]:
+        """One assistant turn: content and parsed tool calls in OpenAI form. `messages` is one
+        conversation, or a list of them, which run together as a batch (as vLLM's `LLM.chat`);
+        `sampling` and `adapter` (as in generate) are then one for all or one per conversation.
         `continue_final_message`: the last message is the start of the assistant's answer, and the
         model goes on writing it (the response holds what it adds). `chat_template_kwargs`:
         variables for the chat template (for Llama 3.1: `tools_in_user_message`, `date_string`,
@@ -215,14 +218,25 @@ class LLM:
         from .chat_format import tools_to_parse
         from .tool_calls import parse_tool_calls
 
-        sampling = _sampling(sampling, overrides)
-        ids = self._dialog_ids(messages, tools, continue_final_message, chat_template_kwargs)
-        self._check_length(ids)
-        (completion,) = self._run([(ids, sampling, self.adapter_index(adapter))])
+        single = not messages or not isinstance(messages[0], (list, tuple))
+        batch = [messages] if single else list(messages)
+        settings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(batch)
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(batch)
+        if len(settings) != len(batch) or len(adapters) != len(batch):
+            raise ValueError(f"{len(settings)} sampling settings and {len(adapters)} adapters for "
+                             f"{len(batch)} conversations")
+        jobs = []
+        for conversation, sp, a in zip(batch, settings, adapters):
+            ids = self._dialog_ids(conversation, tools, continue_final_message, chat_template_kwargs)
+            self._check_length(ids)
+            jobs.append((ids, _sampling(sp, overrides), self.adapter_index(a)))
         tools = tools_to_parse(tools, chat_template_kwargs)
-        content, calls = parse_tool_calls(completion.text, tools) if tools else (completion.text, [])
-        reason = "tool_calls" if calls else completion.finish_reason
-        return ChatResponse(content, calls, reason, completion)
+        replies = []
+        for completion in self._run(jobs):
+            content, calls = parse_tool_calls(completion.text, tools) if tools else (completion.text, [])
+            replies.append(ChatResponse(content, calls, "tool_calls" if calls else completion.finish_reason,
+                                        completion))
+        return replies[0] if single else replies
 
     def _dialog_ids(self, messages: list[dict], tools: list[dict] | None, continue_final_message: bool,
                     chat_template_kwargs: dict[str, Any] | None) -> list[int]:

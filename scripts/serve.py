@@ -32,6 +32,7 @@ shared filesystem. Process 0 serves HTTP; the others repeat its device calls (ll
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -43,12 +44,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 API_KEY_ENV = "LLAMA_JAX_API_KEY"  # read when --api-key is not given (a key on the command line shows in `ps`)
 
 
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", "--model", help="checkpoint: llama-jax, HF dir, Meta dir or .gguf (default: the demo model)")
+    p.add_argument("--ckpt", "--model",
+                   help="checkpoint: llama-jax, HF dir, Meta dir or .gguf (default: the demo model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", "--served-model-name", help="the model id clients send (default: the checkpoint's directory name)")
+    p.add_argument("--model-name", "--served-model-name",
+                   help="the model id clients send (default: the checkpoint's directory name)")
     p.add_argument("--mesh", help='device mesh, e.g. "tp=8" or "dp=2,tp=4"')
     p.add_argument("-tp", "--tensor-parallel-size", type=int, help="vLLM's spelling of --mesh tp=N")
     p.add_argument("-dp", "--data-parallel-size", type=int, help="vLLM's spelling of --mesh dp=N (with -tp)")
@@ -69,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-prefix-reuse", "--no-enable-prefix-caching", action="store_true",
                    help="prefill every prompt whole, even when a free slot's cache holds its start")
     p.add_argument("--chat-template", help="a Jinja chat template (file or text) in place of the model's own")
+    p.add_argument("--default-chat-template-kwargs", type=json_object, default={}, metavar="JSON",
+                   help='chat template variables for every chat, e.g. \'{"date_string": "26 Jul 2024"}\' '
+                        "(a request's chat_template_kwargs win)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted as vLLM takes it; tool calls are always parsed when a request gives tools")
     p.add_argument("--tool-call-parser", choices=["llama3_json"],
@@ -197,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             app = create_app(llm, model_name=args.model_name, max_queue=args.max_queue,
                              max_body_bytes=int(args.max_body_mb * (1 << 20)), api_keys=args.api_key,
                              stall_timeout=args.stall_timeout or None,
+                             default_chat_template_kwargs=args.default_chat_template_kwargs,
                              health_checks=[leader.problem] if leader is not None else [])
         except ValueError as e:  # e.g. an adapter named like the model
             sys.exit(f"error: {e}")

@@ -49,6 +49,14 @@ def test_chat_answers_and_stops_on_end_of_turn(llm):
                  {"role": "assistant", "content": "The capital of France is"}]
     more = llm.chat(prefilled, temperature=0, max_tokens=8, continue_final_message=True)
     assert more.content.lstrip().startswith("Paris"), more.content
+    # Several conversations at once (as vLLM's LLM.chat), each as it would be alone.
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:2]]
+    settings = [SamplingParams.greedy(max_tokens=10), SamplingParams(temperature=0.8, seed=5, max_tokens=10)]
+    together = llm.chat(conversations, sampling=settings)
+    alone = [llm.chat(c, sampling=sp) for c, sp in zip(conversations, settings)]
+    assert [r.completion.token_ids for r in together] == [r.completion.token_ids for r in alone]
+    with pytest.raises(ValueError, match="2 sampling settings .* for 3 conversations"):
+        llm.chat([*conversations, conversations[0]], sampling=settings)
 
 
 def test_speculative_decoding_keeps_the_answers(llm):

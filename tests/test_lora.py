@@ -564,8 +564,11 @@ def test_serve_script_takes_vllm_flags() -> None:
         assert getattr(ours, name) == getattr(theirs, name), name
     assert serve.parse_args(["-tp", "8"]).mesh == "tp=8" and theirs.dtype is None
     assert serve.parse_args(["--gpu-memory-utilization", "0.9"]).gpu_memory_utilization == 0.9
+    assert serve.parse_args(["--default-chat-template-kwargs", '{"date_string": "1 May 2030"}']
+                            ).default_chat_template_kwargs == {"date_string": "1 May 2030"}
     for bad in (["-tp", "8", "--mesh", "tp=8"], ["-tp", "0"], ["--gpu-memory-utilization", "1.5"],
-                ["--tool-call-parser", "hermes"]):
+                ["--tool-call-parser", "hermes"], ["--default-chat-template-kwargs", "[1]"],
+                ["--default-chat-template-kwargs", "{bad"]):
         with pytest.raises(SystemExit):
             serve.parse_args(bad)
 

@@ -1412,7 +1412,8 @@ def test_served_chat_template(tiny_llm: LLM) -> None:
     tok = llm.tokenizer
     expected = tok.encode("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nSay something.<|eot_id|>"
                           "<|start_header_id|>assistant<|end_header_id|>\n\n[terse] ", allow_special=True)
-    with live(create_app(llm, model_name=SCRIPTED)) as u:
+    defaults = {"house_style": "plain"}  # --default-chat-template-kwargs: a request's own win
+    with live(create_app(llm, model_name=SCRIPTED, default_chat_template_kwargs=defaults)) as u:
         client = openai.OpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0, timeout=60)
         with script(llm, "Fine."):
             r = client.chat.completions.create(model=SCRIPTED, messages=USER,
@@ -1420,6 +1421,8 @@ def test_served_chat_template(tiny_llm: LLM) -> None:
         assert r.choices[0].message.content == "Fine." and r.usage.prompt_tokens == len(expected)
         body = {"model": SCRIPTED, "messages": USER, "chat_template_kwargs": {"house_style": "terse"}}
         assert httpx.post(f"{u}/tokenize", json=body, timeout=30).json()["tokens"] == expected
+        plain = httpx.post(f"{u}/tokenize", json={**body, "chat_template_kwargs": None}, timeout=30).json()
+        assert tok.decode(plain["tokens"]).endswith("[plain] ")
         taken = httpx.post(f"{u}/v1/chat/completions", json={**body, "chat_template_kwargs": {"messages": []}},
                            timeout=30)
         assert "may not set ['messages']" in assert_error(taken, 400, "chat_template_kwargs")["message"]

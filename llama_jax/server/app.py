@@ -56,6 +56,7 @@ def create_app(
     api_keys: Sequence[str] = (),
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT_S,
     health_checks: Sequence[Callable[[], str | None]] = (),
+    default_chat_template_kwargs: dict[str, Any] | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `llm` (a `llama_jax.api.LLM` with a tokenizer).
 
@@ -67,6 +68,8 @@ def create_app(
     seconds (a hung device or collective; None: never), so a supervisor can restart the server.
     `health_checks`: more checks for /health, each returning what is wrong or None (e.g.
     `lockstep.Leader.problem`).
+    `default_chat_template_kwargs`: chat template variables for every chat; a request's own
+    `chat_template_kwargs` win (vLLM's --default-chat-template-kwargs).
     """
     if any(not key for key in api_keys):
         raise ValueError("an API key is empty")
@@ -81,7 +84,8 @@ def create_app(
     metrics = ServerMetrics(llm.scheduler, llm.engine.max_slots)
     worker = EngineWorker(llm.scheduler, observe=metrics.observe)
     ctx = ServerContext(llm=llm, worker=worker, metrics=metrics, model_name=model_name or default_model_name(llm),
-                        created=int(time.time()))
+                        created=int(time.time()),
+                        default_chat_template_kwargs=dict(default_chat_template_kwargs or {}))
     if ctx.model_name in ctx.adapter_names:
         raise ValueError(f"the model name {ctx.model_name!r} is also an adapter's name")
 

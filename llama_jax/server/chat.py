@@ -142,17 +142,18 @@ async def start_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatJob
         chat_format = ctx.llm.chat_format
     except ValueError as e:
         raise bad_request(f"this model has no chat format: {e}") from None
+    template_kwargs = ctx.chat_template_kwargs(body.chat_template_kwargs)
     try:
         ids = await asyncio.to_thread(chat_format.encode_dialog, messages, tools,
                                       add_generation_prompt=body.generation_prompt,
                                       continue_final_message=body.continue_final_message,
-                                      chat_template_kwargs=body.chat_template_kwargs)
+                                      chat_template_kwargs=template_kwargs)
     except ValueError as e:
         raise bad_request(str(e), dialog_param(e)) from None
     samplings = sampling_params(body, len(ids), ctx.max_seq_len, prompt_param="messages",
                                 logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
                                 structured_output=await ctx.constraint(body, tool_call_constraint(body, tools)))
-    parsed = tools if body.tool_choice == "none" else tools_to_parse(tools, body.chat_template_kwargs)
+    parsed = tools if body.tool_choice == "none" else tools_to_parse(tools, template_kwargs)
     return ChatJob(ids, parsed, ctx.submit([(ids, sp) for sp in samplings], adapter), adapter)
 
 

@@ -187,7 +187,8 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
         finally:
             sub.cancel()
         choices = [CompletionChoice(index=i, text=texts[i], logprobs=lps[i], finish_reason=reasons[i],
-                                    stop_reason=stops[i], prompt_logprobs=vllm_lps[i // n], prompt_token_ids=encoded[i // n],
+                                    stop_reason=stops[i], prompt_logprobs=vllm_lps[i // n],
+                                    prompt_token_ids=encoded[i // n],
                                     token_ids=tokens[i]) for i in range(total)]
         usage = Usage.of(prompt_tokens, sum(counts), sum(cached[::n]))  # each prompt once: its first choice
         out = Completion(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage)

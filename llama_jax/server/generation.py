@@ -40,6 +40,12 @@ class ServerContext:
     metrics: ServerMetrics
     model_name: str
     created: int
+    default_chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def chat_template_kwargs(self, given: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A request's chat template variables over the server's defaults."""
+        merged = {**self.default_chat_template_kwargs, **(given or {})}
+        return merged or None
 
     @property
     def tokenizer(self) -> Tokenizer:

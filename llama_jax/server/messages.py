@@ -133,7 +133,8 @@ class _MessagesBody(_Input):
                 if kind not in _BLOCKS:
                     raise ValueError(f"messages[{i}].content[{j}] is of type {kind!r}: this server reads "
                                      f"{', '.join(_BLOCKS)} blocks only")
-        for i, tool in enumerate(data.get("tools") or [] if isinstance(data, dict) else []):
+        tools = data.get("tools") if isinstance(data, dict) else None
+        for i, tool in enumerate(tools if isinstance(tools, list) else []):
             kind = tool.get("type") if isinstance(tool, dict) else None
             if kind not in (None, "custom"):
                 raise ValueError(f"tools[{i}] is of type {kind!r}: this server runs custom tools only")
@@ -184,10 +185,10 @@ def to_chat(body: MessagesRequest | CountTokensRequest) -> ChatCompletionRequest
     for m in body.messages:
         blocks = [TextBlock(type="text", text=m.content)] if isinstance(m.content, str) else m.content
         if m.role == "assistant":
-            text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
+            said = "".join(b.text for b in blocks if isinstance(b, TextBlock))
             calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
                      for b in blocks if isinstance(b, ToolUseBlock)]
-            messages.append({"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})})
+            messages.append({"role": "assistant", "content": said or None, **({"tool_calls": calls} if calls else {})})
             continue
         text: list[str] = []
         for b in blocks:  # tool results and text, in their order
@@ -236,7 +237,8 @@ async def count_tokens(ctx: ServerContext, body: CountTokensRequest) -> dict[str
     try:
         ids = await asyncio.to_thread(ctx.llm.chat_format.encode_dialog, messages, tools,
                                       add_generation_prompt=chat.generation_prompt,
-                                      continue_final_message=chat.continue_final_message)
+                                      continue_final_message=chat.continue_final_message,
+                                      chat_template_kwargs=ctx.chat_template_kwargs(None))
     except ValueError as e:
         raise bad_request(str(e), "messages") from None
     return {"input_tokens": len(ids)}

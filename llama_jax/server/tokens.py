@@ -29,7 +29,7 @@ async def tokenize(ctx: ServerContext, body: TokenizeRequest) -> TokenizeRespons
             ids = await asyncio.to_thread(ctx.llm.chat_format.encode_dialog, messages, tools,
                                           add_generation_prompt=chat.generation_prompt,
                                           continue_final_message=chat.continue_final_message,
-                                          chat_template_kwargs=chat.chat_template_kwargs)
+                                          chat_template_kwargs=ctx.chat_template_kwargs(chat.chat_template_kwargs))
         elif body.add_special_tokens:
             ids = await asyncio.to_thread(ctx.llm.encode_prompt, body.prompt)
         else:
