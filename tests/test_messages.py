@@ -1,6 +1,6 @@
 """POST /v1/messages (Anthropic's Messages API) through Anthropic's own client: text, prefill,
 stop sequences, tool use and tool results, streaming, token counting, structured output, errors
-in Anthropic's shape, and x-api-key."""
+in Anthropic's shape, x-api-key, and the model list."""
 
 from __future__ import annotations
 
@@ -161,6 +161,12 @@ def test_bad_requests_get_anthropic_errors(url: str, body: dict, message: str) -
     err = r.json()
     assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
     assert message in err["error"]["message"]
+
+
+def test_models_list_reads_in_anthropic_client(client: anthropic.Anthropic) -> None:
+    (model,) = list(client.models.list())
+    assert (model.id, model.display_name, model.type) == (SCRIPTED, SCRIPTED, "model") and model.created_at.year > 2000
+    assert client.models.retrieve(SCRIPTED).id == SCRIPTED
 
 
 def test_keys_models_and_routes(url: str) -> None:

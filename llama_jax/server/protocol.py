@@ -9,6 +9,7 @@ booleans and strings are not coerced from other types.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
@@ -22,6 +23,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationInfo,
+    computed_field,
     field_validator,
     model_serializer,
     model_validator,
@@ -674,17 +676,38 @@ class Completion(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """OpenAI's model object, with vLLM's fields and Anthropic's (type, display_name, created_at),
+    so the clients of both APIs read it."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llama-jax"
     max_model_len: int
     parent: str | None = None  # a LoRA adapter's base model, as vLLM lists adapters
+    type: Literal["model"] = "model"
+
+    @computed_field
+    def display_name(self) -> str:
+        return self.id
+
+    @computed_field
+    def created_at(self) -> str:
+        return dt.datetime.fromtimestamp(self.created, dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    has_more: bool = False  # Anthropic's page fields: the whole list is one page
+
+    @computed_field
+    def first_id(self) -> str | None:
+        return self.data[0].id if self.data else None
+
+    @computed_field
+    def last_id(self) -> str | None:
+        return self.data[-1].id if self.data else None
 
 
 class TokenizeResponse(BaseModel):
