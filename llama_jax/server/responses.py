@@ -261,11 +261,9 @@ class ResponseStore:
         self._running: dict[str, asyncio.Task] = {}  # background responses still generating
 
     def put(self, response: dict[str, Any], inputs: list[Item], outputs: list[Item]) -> None:
-        """Keep `response`, made from the conversation `inputs`, whose output items are `outputs`.
-        Items without an id get one, as OpenAI's stored items have."""
-        items = [item if item.id else item.model_copy(update={"id": _id(_ITEM_ID_PREFIX[item.type])})
-                 for item in inputs]
-        self._entries[response["id"]] = _Stored(response, items + outputs, len(items))
+        """Keep `response`, made from the conversation `inputs` (items with ids: `with_id`), whose
+        output items are `outputs`."""
+        self._entries[response["id"]] = _Stored(response, inputs + outputs, len(inputs))
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
 
@@ -312,7 +310,7 @@ class ResponseStore:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        return entry.response
+        return self._get(rid).response  # as it ended (it may have finished meanwhile)
 
     def input_items(self, rid: str, *, after: str | None = None, limit: int = 20,
                     order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
@@ -346,6 +344,11 @@ class ResponseStore:
 
 
 _ITEM_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
+def with_id(item: Item) -> Item:
+    """`item`, given an id if it has none, as OpenAI's stored items have."""
+    return item if item.id else item.model_copy(update={"id": _id(_ITEM_ID_PREFIX[item.type])})
 
 
 def _listed(item: Item) -> dict[str, Any]:
@@ -539,7 +542,7 @@ async def create_response(ctx: ServerContext, body: ResponsesRequest, request: H
     from ..tool_calls import StreamingToolParser
 
     history = store.conversation(body.previous_response_id) if body.previous_response_id else []
-    conversation = history + body.items
+    conversation = history + [with_id(item) for item in body.items]
     try:
         job = await start_chat(ctx, to_chat(body, conversation))
     except APIError as e:  # named as this endpoint names them
