@@ -10,7 +10,9 @@ from typing import Any, Iterator
 import anthropic
 import httpx
 import pytest
-from test_server import SCRIPTED, live, make_scripted, random_params, script, tiny_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_server import SCRIPTED, json_values, live, make_scripted, random_params, script, tiny_config
 
 from llama_jax.api import LLM
 from llama_jax.server import create_app
@@ -179,3 +181,43 @@ def test_keys_models_and_routes(url: str) -> None:
     openai_404 = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "claude-x"},
                             headers={"authorization": "Bearer secret"})
     assert openai_404.status_code == 404 and "param" in openai_404.json()["error"]
+
+
+blocks = st.lists(st.sampled_from([
+    {"type": "text", "text": "hi"}, {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "x"}},
+    {"type": "tool_result", "tool_use_id": "t1", "content": "21 C"}, {"type": "image", "source": {}}]) | json_values,
+    max_size=3)
+messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]),
+                                           "content": st.text(max_size=20) | blocks}), max_size=3)
+FIELDS = {"system": st.text(max_size=10) | json_values, "tools": st.lists(st.just(WEATHER), max_size=2) | json_values,
+          "tool_choice": st.sampled_from([{"type": "auto"}, {"type": "any"}, {"type": "none"},
+                                          {"type": "tool", "name": "get_weather"}]) | json_values,
+          "stop_sequences": st.lists(st.text(max_size=4), max_size=5) | json_values,
+          "temperature": st.floats(-1, 2) | json_values, "top_k": st.integers(-1, 5), "stream": st.booleans(),
+          "thinking": json_values, "output_config": json_values, "metadata": json_values}
+
+
+@st.composite
+def message_bodies(draw: st.DrawFn) -> Any:
+    body: dict[str, Any] = {"model": SCRIPTED, "max_tokens": draw(st.integers(-1, 4) | json_values),
+                            "messages": draw(messages | json_values)}
+    for field in draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=4, unique=True)):
+        body[field] = draw(FIELDS[field])
+    return body
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=message_bodies())
+def test_fuzz_messages_schema(url: str, scripted_llm: LLM, body: Any) -> None:
+    """Whatever the body, an answer or a 4xx in Anthropic's shape: never a 500, never a dead server."""
+    with script(scripted_llm, "ok"):
+        r = httpx.post(f"{url}/v1/messages", content=json.dumps(body), timeout=30,
+                       headers={"content-type": "application/json", "x-api-key": "secret"})
+    assert r.status_code in (200, 400, 404), (r.status_code, r.text)
+    if r.status_code != 200:
+        err = r.json()
+        assert err["type"] == "error" and isinstance(err["error"]["message"], str)
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        assert r.text.rstrip().endswith('data: {"type": "message_stop"}') or "event: error" in r.text
+    else:
+        assert r.json()["type"] == "message"

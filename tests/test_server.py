@@ -9,6 +9,7 @@ slow test serves the demo model (SmolLM2-135M-Instruct) when its GGUF is on the 
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import importlib.metadata
@@ -1283,6 +1284,36 @@ def test_background_responses(scripted: openai.OpenAI, scripted_llm: LLM, script
         scripted.responses.cancel(plain.id)
     with pytest.raises(openai.NotFoundError):
         scripted.responses.cancel("resp_nope")
+
+
+def test_a_stopped_background_response_stays_stopped() -> None:
+    """Cancel stops the engine requests itself (a task cancellation can be lost in Python 3.11's
+    asyncio.wait_for): a task that goes on anyway cannot put its response back, nor its status."""
+    from llama_jax.server.responses import ResponseStore
+
+    async def scenario() -> tuple[dict, list[str]]:
+        store, calls = ResponseStore(), []
+        store.put({"id": "r", "status": "queued", "background": True}, [], [])
+        release = asyncio.Event()
+
+        async def stubborn() -> None:
+            while True:
+                try:
+                    await release.wait()
+                    break
+                except asyncio.CancelledError:  # swallowed, as a lost cancellation would be
+                    calls.append("cancel swallowed")
+            store.set_status("r", "in_progress")
+            store.put({"id": "r", "status": "completed", "background": True}, [], [])
+
+        store.run("r", stubborn(), cleanup=lambda: (calls.append("engine requests cancelled"), release.set()))
+        await asyncio.sleep(0)
+        cancelled = await store.cancel("r")
+        return cancelled, calls
+
+    cancelled, calls = asyncio.run(scenario())
+    assert cancelled["status"] == "cancelled"
+    assert calls[0] == "engine requests cancelled" and "cancel swallowed" in calls
 
 
 def test_response_store_keeps_the_latest() -> None:

@@ -258,11 +258,15 @@ class ResponseStore:
     def __init__(self, size: int = STORED_RESPONSES):
         self.size = size
         self._entries: collections.OrderedDict[str, _Stored] = collections.OrderedDict()
-        self._running: dict[str, asyncio.Task] = {}  # background responses still generating
+        # Background responses still generating: their task and what stops their engine requests.
+        self._running: dict[str, tuple[asyncio.Task, Callable[[], None]]] = {}
+        self._stopped: set[str] = set()  # cancelled or deleted while generating: not put back
 
     def put(self, response: dict[str, Any], inputs: list[Item], outputs: list[Item]) -> None:
         """Keep `response`, made from the conversation `inputs` (items with ids: `with_id`), whose
         output items are `outputs`."""
+        if response["id"] in self._stopped:
+            return
         self._entries[response["id"]] = _Stored(response, inputs + outputs, len(inputs))
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
@@ -282,20 +286,31 @@ class ResponseStore:
 
     def run(self, rid: str, work: Coroutine[Any, Any, None], cleanup: Callable[[], None]) -> None:
         """Generate background response `rid` (already put, queued) with `work`, which puts its
-        end; `cleanup` runs after it, even if it is cancelled before it starts."""
+        end; `cleanup` (cancelling its engine requests) runs after it, however it ends."""
 
-        def done(task: asyncio.Task) -> None:
+        def done(_: asyncio.Task) -> None:
             self._running.pop(rid, None)
+            self._stopped.discard(rid)
             cleanup()
-            if task.cancelled():
-                self.set_status(rid, "cancelled")
 
         task = asyncio.get_running_loop().create_task(work)
-        self._running[rid] = task
+        self._running[rid] = (task, cleanup)
         task.add_done_callback(done)
 
+    def _stop(self, rid: str) -> asyncio.Task | None:
+        """Stop background response `rid` if it is generating: its engine requests at once (a task
+        cancellation alone can be lost in Python 3.11's asyncio.wait_for), then its task."""
+        if rid not in self._running:
+            return None
+        task, cleanup = self._running[rid]
+        self.set_status(rid, "cancelled")
+        self._stopped.add(rid)  # its status and entry stay as they are now
+        cleanup()
+        task.cancel()
+        return task
+
     def set_status(self, rid: str, status: str, **fields: Any) -> None:
-        if rid in self._entries:
+        if rid in self._entries and rid not in self._stopped:
             self._entries[rid].response.update(status=status, **fields)
 
     async def cancel(self, rid: str) -> dict[str, Any]:
@@ -305,12 +320,11 @@ class ResponseStore:
         if not entry.response.get("background"):
             raise APIError(400, f"Response {rid!r} was not created with background=true: only background "
                                 "responses can be cancelled.")
-        task = self._running.get(rid)
+        task = self._stop(rid)
         if task is not None:
-            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        return self._get(rid).response  # as it ended (it may have finished meanwhile)
+        return self._get(rid).response
 
     def input_items(self, rid: str, *, after: str | None = None, limit: int = 20,
                     order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
@@ -331,8 +345,7 @@ class ResponseStore:
 
     def delete(self, rid: str) -> dict[str, Any]:
         self._get(rid)
-        if rid in self._running:
-            self._running[rid].cancel()
+        self._stop(rid)
         del self._entries[rid]
         return {"id": rid, "object": "response", "deleted": True}
 
