@@ -28,7 +28,7 @@ def request(custom_id: str, url: str, **body: object) -> str:
 def test_batch_answers_in_order_as_alone() -> None:
     config = tiny_config()
     llm = LLM(config, random_params(config), llama3_tokenizer(), max_slots=4, max_seq_len=128)
-    questions = [f"Question {i}: what is {i} + {i}?" for i in range(5)]
+    questions = [f"Question {i}: what is {i} + {i}?" for i in range(3)]
     lines = [request(f"q{i}", "/v1/chat/completions", messages=[{"role": "user", "content": q}], max_tokens=6,
                      temperature=0) for i, q in enumerate(questions)]
     lines += [
@@ -44,18 +44,18 @@ def test_batch_answers_in_order_as_alone() -> None:
     seen: list[tuple[int, int]] = []
     app = create_app(llm, model_name="tiny", max_queue=len(lines))
     out = asyncio.run(run_batch(app, lines, concurrency=3, progress=lambda d, t: seen.append((d, t))))
-    assert [o["custom_id"] for o in out] == [*(f"q{i}" for i in range(5)), "text", "other-model", None, "q0",
+    assert [o["custom_id"] for o in out] == [*(f"q{i}" for i in range(3)), "text", "other-model", None, "q0",
                                              "streamed", "get"]
-    assert seen[-1] == (11, 11) and len({o["id"] for o in out}) == 11
+    assert seen[-1] == (9, 9) and len({o["id"] for o in out}) == 9
     for i, q in enumerate(questions):
         response = out[i]["response"]
         assert response["status_code"] == 200 and out[i]["error"] is None
         alone = llm.chat([{"role": "user", "content": q}], temperature=0, max_tokens=6)
         assert response["body"]["choices"][0]["message"]["content"] == alone.content
-    text = out[5]["response"]["body"]["choices"][0]["text"]
+    text = out[3]["response"]["body"]["choices"][0]["text"]
     assert text == llm.generate("The capital of France is", temperature=0, max_tokens=4).text
-    assert out[6]["response"]["status_code"] == 404 and "gpt-4o" in out[6]["response"]["body"]["error"]["message"]
-    for entry, message in zip(out[7:], ["line 9: not JSON", "custom_id 'q0' is used twice",
+    assert out[4]["response"]["status_code"] == 404 and "gpt-4o" in out[4]["response"]["body"]["error"]["message"]
+    for entry, message in zip(out[5:], ["line 7: not JSON", "custom_id 'q0' is used twice",
                                         "stream is not supported", "method must be POST"]):
         assert entry["response"] is None and message in entry["error"]["message"]
     with pytest.raises(ValueError, match="concurrency"):
@@ -73,8 +73,9 @@ def test_run_batch_script(smol_checkpoint: Path, tmp_path: Path) -> None:
     ]))
     results = tmp_path / "results.jsonl"
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_batch.py"), "-i", str(requests), "-o",
-                          str(results), "--ckpt", str(smol_checkpoint), "--model-name", "demo", "--max-slots", "2",
-                          "--max-seq-len", "256"], capture_output=True, text=True, timeout=600)
+                          str(results), "--ckpt", str(smol_checkpoint), "--model-name", "demo", "--max-slots", "4",
+                          "--max-seq-len", "512"],  # test_api's shapes: programs the compilation cache holds
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "2 of 2 requests answered 200" in run.stderr
     paris, count = [json.loads(line) for line in results.read_text().splitlines()]
