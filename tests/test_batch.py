@@ -5,10 +5,12 @@ scripts/run_batch.py on the demo model."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_server import random_params, tiny_config
@@ -62,7 +64,14 @@ def test_batch_answers_in_order_as_alone() -> None:
         asyncio.run(run_batch(app, lines, concurrency=0))
 
 
-def test_run_batch_script(smol_checkpoint: Path, tmp_path: Path) -> None:
+def _load_script() -> Any:
+    spec = importlib.util.spec_from_file_location("run_batch", ROOT / "scripts" / "run_batch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_batch_script(smol_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join([
         json.dumps({"custom_id": "paris", "method": "POST", "url": "/v1/chat/completions", "body": {
@@ -72,12 +81,11 @@ def test_run_batch_script(smol_checkpoint: Path, tmp_path: Path) -> None:
             "model": "demo", "prompt": "One, two, three,", "max_tokens": 4, "temperature": 0}}),
     ]))
     results = tmp_path / "results.jsonl"
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_batch.py"), "-i", str(requests), "-o",
-                          str(results), "--ckpt", str(smol_checkpoint), "--model-name", "demo", "--max-slots", "4",
-                          "--max-seq-len", "512"],  # test_api's shapes: programs the compilation cache holds
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
-    assert "2 of 2 requests answered 200" in run.stderr
+    script = _load_script()
+    # test_api's shapes: programs the compilation cache holds.
+    assert script.main(["-i", str(requests), "-o", str(results), "--ckpt", str(smol_checkpoint), "--model-name",
+                        "demo", "--max-slots", "4", "--max-seq-len", "512"]) == 0
+    assert "2 of 2 requests answered 200" in capsys.readouterr().err
     paris, count = [json.loads(line) for line in results.read_text().splitlines()]
     assert "Paris" in paris["response"]["body"]["choices"][0]["message"]["content"]
     assert count["custom_id"] == "count" and count["response"]["body"]["usage"]["completion_tokens"] == 4
