@@ -108,6 +108,16 @@ def test_tool_use_round_trip_streamed_and_not(client: anthropic.Anthropic, scrip
     expected = chat_ids(scripted_llm, openai_dialog, tools)
     assert reply.usage.input_tokens + reply.usage.cache_read_input_tokens == len(expected)
     assert reply.stop_reason == "end_turn" and reply.content[0].text == "It is 21 C."
+    two = CALL + '; {"name": "get_weather", "parameters": {"city": "Rome"}}'
+    with script(scripted_llm, two):
+        both = client.messages.create(model=SCRIPTED, max_tokens=80, messages=USER, tools=[WEATHER])
+        one = {"type": "auto", "disable_parallel_tool_use": True}
+        first = client.messages.create(model=SCRIPTED, max_tokens=80, messages=USER, tools=[WEATHER], tool_choice=one)
+        with client.messages.stream(model=SCRIPTED, max_tokens=80, messages=USER, tools=[WEATHER],
+                                    tool_choice=one) as stream:
+            first_streamed = stream.get_final_message()
+    assert [b.input["city"] for b in both.content] == ["Paris", "Rome"]
+    assert [b.input["city"] for b in first.content] == [b.input["city"] for b in first_streamed.content] == ["Paris"]
     with script(scripted_llm, CALL):
         none = client.messages.create(model=SCRIPTED, max_tokens=80, messages=USER, tools=[WEATHER],
                                       tool_choice={"type": "none"})

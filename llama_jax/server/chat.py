@@ -237,7 +237,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
             if ev.finish_reason is not None and parser:
                 deltas += parser.finish()
             if not parallel:
-                deltas = _first_call_only(deltas)
+                deltas = first_call_only(deltas)
             logprobs = ChoiceLogprobs(content=chat_logprobs(ctx, ev.logprobs)) if ev.logprobs else None
             token_ids = list(ev.token_ids) if body.return_token_ids and ev.token_ids else None
             if (logprobs or token_ids) and not deltas:
@@ -257,7 +257,8 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     return sse_response(stream(), sub, "chat")
 
 
-def _first_call_only(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def first_call_only(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Streamed deltas without the tool calls after the first (parallel tool calls turned off)."""
     out = []
     for d in deltas:
         if "tool_calls" in d:

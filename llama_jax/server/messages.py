@@ -28,7 +28,7 @@ from pydantic import Field, StrictBool, StrictInt, field_validator, model_valida
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response, StreamingResponse
 
-from .chat import dialog, start_chat
+from .chat import dialog, first_call_only, start_chat
 from .errors import APIError, anthropic_error, bad_request
 from .generation import SSE_HEADERS, ClientGone, ServerContext, events
 from .protocol import ChatCompletionRequest, FunctionName, Number, Text, _Input, _no_surrogates
@@ -269,6 +269,7 @@ async def create_message(ctx: ServerContext, body: MessagesRequest, request: HTT
     from ..tool_calls import StreamingToolParser, parse_tool_calls
 
     job = await start_chat(ctx, to_chat(body))
+    one_call = body.tool_choice is not None and bool(body.tool_choice.disable_parallel_tool_use)
     mid = f"msg_{uuid.uuid4().hex}"
     message = {"id": mid, "type": "message", "role": "assistant", "model": ctx.model_name, "content": [],
                "stop_reason": None, "stop_sequence": None}
@@ -286,6 +287,7 @@ async def create_message(ctx: ServerContext, body: MessagesRequest, request: HTT
         finally:
             job.sub.cancel()
         content, calls = parse_tool_calls(text, job.tools) if job.tools else (text, [])
+        calls = calls[:1] if one_call else calls
         blocks = ([{"type": "text", "text": content}] if content else []) + [_tool_use(c) for c in calls]
         reason, sequence = _stop(finish, stop_reason, bool(calls))
         message.update(content=blocks, stop_reason=reason, stop_sequence=sequence,
@@ -306,7 +308,7 @@ async def create_message(ctx: ServerContext, body: MessagesRequest, request: HTT
                 deltas += parser.finish() if parser else []
                 finish, stop_reason = ev.finish_reason, ev.stop_reason
                 count, cached = ev.completion_tokens, ev.cached_tokens
-            for d in deltas:
+            for d in (first_call_only(deltas) if one_call else deltas):
                 if "content" in d:
                     if not text_open:
                         index, text_open = index + 1, True
