@@ -26,8 +26,8 @@ from typing import Any, Literal
 from .tokenizer import Tokenizer
 from .tool_calls import BUILTIN_TOOLS, ToolSpec, declared_tools
 
-__all__ = ["ChatFormat", "ChatTemplateError", "JinjaChatFormat", "chat_format_for", "read_chat_template",
-           "tools_to_parse", "validate_messages"]
+__all__ = ["ChatFormat", "ChatTemplateError", "JinjaChatFormat", "TemplateKwargsError", "chat_format_for",
+           "read_chat_template", "tools_to_parse", "validate_messages"]
 
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
            "November", "December")  # spelled out here: strftime's %B follows the process locale
@@ -36,6 +36,10 @@ _ROLES = ("system", "user", "assistant", "tool", "ipython")
 
 class ChatTemplateError(ValueError):
     """A chat template failed to compile or render, or raised an error on purpose."""
+
+
+class TemplateKwargsError(ValueError):
+    """A call's chat_template_kwargs are not what the chat format takes."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,20 +326,20 @@ class ChatFormat:
         if not kwargs:
             return self, tools
         if not isinstance(kwargs, Mapping):
-            raise ValueError(f"chat_template_kwargs must be a mapping, got {type(kwargs).__name__}")
+            raise TemplateKwargsError(f"chat_template_kwargs must be a mapping, got {type(kwargs).__name__}")
         fmt = copy.copy(self)
         if kwargs.get("tools_in_user_message") is not None:
             if not isinstance(kwargs["tools_in_user_message"], bool):
-                raise ValueError("chat_template_kwargs.tools_in_user_message must be a boolean")
+                raise TemplateKwargsError("chat_template_kwargs.tools_in_user_message must be a boolean")
             fmt.tools_in_system = not kwargs["tools_in_user_message"]
         if kwargs.get("date_string") is not None:
             if not isinstance(kwargs["date_string"], str):
-                raise ValueError("chat_template_kwargs.date_string must be a string")
+                raise TemplateKwargsError("chat_template_kwargs.date_string must be a string")
             fmt.date_string = kwargs["date_string"]
         builtin = kwargs.get("builtin_tools")
         if builtin is not None:
             if not isinstance(builtin, list) or any(n not in BUILTIN_TOOLS for n in builtin):
-                raise ValueError(f"chat_template_kwargs.builtin_tools must be a list of {BUILTIN_TOOLS}")
+                raise TemplateKwargsError(f"chat_template_kwargs.builtin_tools must be a list of {BUILTIN_TOOLS}")
             named = {s.name for s in declared_tools(tools)}
             tools = [*dict.fromkeys(n for n in builtin if n not in named), *(tools or [])]
         return fmt, tools
@@ -561,10 +565,10 @@ class JinjaChatFormat:
         declared_tools(tools)
         kwargs = chat_template_kwargs or {}
         if not isinstance(kwargs, Mapping):
-            raise ValueError(f"chat_template_kwargs must be a mapping, got {type(kwargs).__name__}")
+            raise TemplateKwargsError(f"chat_template_kwargs must be a mapping, got {type(kwargs).__name__}")
         taken = sorted(set(kwargs) & set(_TEMPLATE_ARGUMENTS))
         if taken:
-            raise ValueError(f"chat_template_kwargs may not set {taken}: the request gives them")
+            raise TemplateKwargsError(f"chat_template_kwargs may not set {taken}: the request gives them")
         tok = self.tokenizer
         context = {
             **self.extra_context,

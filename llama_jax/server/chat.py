@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
-from ..chat_format import tools_to_parse
+from ..chat_format import TemplateKwargsError, tools_to_parse
 from ..scheduler import TokenLogprob
 from ..structured import StructuredOutput
 from .completions import vllm_prompt_logprobs
@@ -113,7 +113,7 @@ def tool_call_constraint(body: ChatCompletionRequest, tools: list[dict[str, Any]
 
 def dialog_param(error: ValueError) -> str:
     """The request field a chat format's error is about."""
-    return "chat_template_kwargs" if str(error).startswith("chat_template_kwargs") else "messages"
+    return "chat_template_kwargs" if isinstance(error, TemplateKwargsError) else "messages"
 
 
 def _with_instruction(messages: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:

@@ -20,20 +20,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import uuid
 from typing import Annotated, Any, AsyncIterator, Literal
 
 from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from .chat import dialog, first_call_only, start_chat
 from .errors import APIError, anthropic_error, bad_request
-from .generation import SSE_HEADERS, ClientGone, ServerContext, events
-from .protocol import ChatCompletionRequest, FunctionName, Number, Text, _Input, _no_surrogates
-
-log = logging.getLogger(__name__)
+from .generation import ClientGone, ServerContext, events, sse_response
+from .protocol import (
+    ChatCompletionRequest,
+    FunctionName,
+    Number,
+    Text,
+    _Input,
+    _no_surrogates,
+    check_function_names,
+)
 
 _BLOCKS = ("text", "tool_use", "tool_result")
 
@@ -143,9 +148,7 @@ class _MessagesBody(_Input):
     @field_validator("tools")
     @classmethod
     def _unique_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
-        names = [t.name for t in tools or []]
-        if len(set(names)) != len(names):
-            raise ValueError("tool names must be unique")
+        check_function_names([t.name for t in tools or []])
         return tools
 
 
@@ -337,18 +340,7 @@ async def create_message(ctx: ServerContext, body: MessagesRequest, request: HTT
                                       "usage": _usage(len(job.ids), count, cached)})
         yield event("message_stop", {})
 
-    async def framed() -> AsyncIterator[str]:
-        try:
-            async for chunk in stream():
-                yield chunk
-        except ClientGone:
-            return
-        except APIError as e:
-            yield f"event: error\ndata: {json.dumps(anthropic_error(e))}\n\n"
-        except Exception:
-            log.exception("messages stream failed")
-            yield f"event: error\ndata: {json.dumps(anthropic_error(APIError(500, 'internal server error')))}\n\n"
-        finally:
-            job.sub.cancel()
+    def error_event(err: APIError) -> str:
+        return f"event: error\ndata: {json.dumps(anthropic_error(err))}\n\n"
 
-    return StreamingResponse(framed(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return sse_response(stream(), job.sub, "messages", done=False, error_event=error_event)
