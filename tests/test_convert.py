@@ -425,6 +425,36 @@ def test_gguf_dequantises(qtype: str, gguf_case: tuple, ckpt_builders: Any, tmp_
     assert np.max(np.abs(got_q - want_q)) <= tol * np.max(np.abs(want_q))
 
 
+def test_a_source_resolved_by_two_at_once_is_converted_once(gguf_case: tuple, ckpt_builders: Any, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callers sharing the cache (ranks on one host, servers started together) wait for one
+    conversion and all get the finished checkpoint, never a half-written one."""
+    import threading
+
+    from llama_jax import sources
+
+    cfg, hf = gguf_case
+    src = ckpt_builders.gguf_write(tmp_path / "m.gguf", cfg, hf)
+    monkeypatch.setenv("LLAMA_JAX_CACHE", str(tmp_path / "cache"))
+    calls, started = [], threading.Event()
+    real = sources._convert
+
+    def slow_convert(*args: Any, **kw: Any) -> None:
+        calls.append(args)
+        started.set()
+        real(*args, **kw)
+
+    monkeypatch.setattr(sources, "_convert", slow_convert)
+    got: list[Path] = []
+    first = threading.Thread(target=lambda: got.append(sources.resolve_checkpoint(src, progress=False)))
+    first.start()
+    assert started.wait(60)
+    got.append(sources.resolve_checkpoint(src, progress=False))  # blocks on the lock, then finds it done
+    first.join()
+    assert len(calls) == 1 and got[0] == got[1] and ck.read_config(got[0]).n_layers == cfg.n_layers
+    assert sources.resolve_checkpoint(src, progress=False) == got[0] and len(calls) == 1
+
+
 def test_gguf_bad_input(gguf_case: tuple, ckpt_builders: Any, tmp_path: Path) -> None:
     cfg, hf = gguf_case
     out = tmp_path / "out"

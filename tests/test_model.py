@@ -220,7 +220,7 @@ def test_every_parameter_carries_logical_axes():
     for path, var in flat.items():
         name = path.split("/")[-1]
         assert var.get_metadata()["logical_axes"] == LOGICAL_AXES[name]
-        assert len(LOGICAL_AXES[name]) == var.value.ndim
+        assert len(LOGICAL_AXES[name]) == var[...].ndim
 
 
 def _compiled_program(n_layers: int) -> str:
