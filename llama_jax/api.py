@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -73,13 +74,14 @@ class LLM:
         path: Path | None = None,
         cache_dtype: Any = None,
         feature_major_decode: bool | None = None,
-        adapter_names: Sequence[str] = (),
+        adapter_names: Sequence[str | None] = (),
         speculation: NgramSpeculation | None = None,
         chat_template: str | None = None,
     ):
         """`adapter_names`: the names (e.g. served model ids) of the LoRA adapters `params` holds
-        (lora.attach_many), in their order. `speculation`: speculative decoding by prompt lookup
-        (speculative.py), and `chat_template`, as `load`'s."""
+        (lora.attach_many), slot by slot; None for an empty slot (`load_adapter` fills it).
+        `speculation`: speculative decoding by prompt lookup (speculative.py), and
+        `chat_template`, as `load`'s."""
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -94,8 +96,11 @@ class LLM:
             feature_major_decode=feature_major_decode, speculation=speculation,
         )
         if len(adapter_names) != self.engine.adapters:
-            raise ValueError(f"{len(adapter_names)} adapter names for {self.engine.adapters} adapters")
-        self.adapter_names = tuple(adapter_names)
+            raise ValueError(f"{len(adapter_names)} adapter names for {self.engine.adapters} adapter slots")
+        self._slot_names: list[str | None] = list(adapter_names)
+        # Held while adapter names are resolved and requests queued (the server), and while an
+        # adapter is loaded or unloaded: a slot is never refilled under a request still naming it.
+        self.adapter_lock = threading.Lock()
         self.scheduler = Scheduler(self.engine, tokenizer) if tokenizer is not None else None
         self._chat_format = None
         if chat_template is not None:  # compiled now: a template that does not compile fails here
@@ -132,7 +137,7 @@ class LLM:
 
     def logits(self, tokens: np.ndarray | Sequence[Sequence[int]], adapter: int = 0) -> np.ndarray:
         """Full-sequence float32 logits (B, T, V) for token ids (B, T) at positions 0..T-1, with
-        LoRA adapter `adapter` (1-based, see adapter_names; 0: the base model)."""
+        LoRA adapter `adapter` (a name, or its 1-based slot; 0: the base model)."""
         tokens = jnp.asarray(np.asarray(tokens, dtype=np.int32))
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (batch, length), got shape {tokens.shape}")
@@ -176,7 +181,7 @@ class LLM:
     ) -> Completion | list[Completion]:
         """Complete one prompt or a batch; a batch runs together, each sequence stopping on its own.
         `sampling` is one setting for all prompts or one per prompt; keyword overrides apply to all.
-        `adapter`: the LoRA adapter (a name of `adapter_names`, or its 1-based index; 0: none) for
+        `adapter`: the LoRA adapter (a name of `adapter_names`, or its 1-based slot; 0: none) for
         all prompts, or one per prompt."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         batch = [prompts] if single else list(prompts)
@@ -290,15 +295,72 @@ class LLM:
         self.engine.release(slot)
 
     # ---- driving the scheduler ----
+    # ---- LoRA adapters ----
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The names of the LoRA adapters loaded, in slot order."""
+        return tuple(n for n in self._slot_names if n is not None)
+
     def adapter_index(self, adapter: str | int) -> int:
-        """The engine's index of a LoRA adapter given by name or 1-based index (0: none)."""
+        """The engine's index of a loaded LoRA adapter, given by name or by its 1-based slot (0: none)."""
         if isinstance(adapter, str):
-            if adapter not in self.adapter_names:
+            if adapter not in self._slot_names:
                 raise ValueError(f"no adapter {adapter!r}; loaded: {list(self.adapter_names)}")
-            return self.adapter_names.index(adapter) + 1
-        if not 0 <= adapter <= len(self.adapter_names):
-            raise ValueError(f"adapter {adapter} is outside [0, {len(self.adapter_names)}]")
+            return self._slot_names.index(adapter) + 1
+        if adapter != 0 and not (0 < adapter <= len(self._slot_names) and self._slot_names[adapter - 1] is not None):
+            raise ValueError(f"no adapter in slot {adapter}; loaded: "
+                             f"{ {n: k for k, n in enumerate(self._slot_names, 1) if n is not None} }")
         return adapter
+
+    def load_adapter(self, name: str, directory: str | os.PathLike, *, replace: bool = False) -> int:
+        """Read a LoRA adapter directory (scripts/finetune.py --out) and serve it as `name`, in a
+        free adapter slot (`load(max_loras=N)` makes them) or, with `replace`, in place of the
+        adapter of that name. Returns its slot. Nothing recompiles."""
+        return self.install_adapter(name, *self.read_adapter(directory), replace=replace)
+
+    def read_adapter(self, directory: str | os.PathLike) -> tuple[lora.Adapters, lora.LoraConfig]:
+        """A LoRA adapter directory read for this model, on the devices adapters are kept on."""
+        sharding = self.engine.shardings.replicated if self.engine.shardings is not None else None
+        return lora.load(directory, self.config, sharding=sharding)
+
+    def install_adapter(self, name: str, adapters: lora.Adapters, config: lora.LoraConfig, *,
+                        replace: bool = False) -> int:
+        """`load_adapter` of adapters already read (lora.load); run it between engine steps."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"an adapter's name must be a non-empty string, got {name!r}")
+        if not self.engine.adapters:
+            raise ValueError("this model holds no adapter slots: load it with max_loras=N (or lora_modules)")
+        if jax.process_count() > 1:
+            raise ValueError("adapters cannot change while the model runs on several processes")
+        with self.adapter_lock:
+            if name in self._slot_names:
+                if not replace:
+                    raise ValueError(f"an adapter named {name!r} is loaded already (unload it first, or replace it)")
+                slot = self._slot_names.index(name) + 1
+            else:
+                busy = self.scheduler.adapters_in_use() if self.scheduler is not None else set()
+                free = [k for k, n in enumerate(self._slot_names, 1) if n is None and k not in busy]
+                if not free:
+                    waiting = [k for k, n in enumerate(self._slot_names, 1) if n is None]
+                    raise ValueError(f"all {len(self._slot_names)} adapter slots are taken"
+                                     + (f" ({len(waiting)} freed, still running requests)" if waiting else "")
+                                     + ": unload an adapter first, or load the model with more (max_loras)")
+                slot = free[0]
+            self.engine.set_params(lora.put(self.engine.params, slot, adapters, config))
+            self.params = self.engine.params
+            self.engine.forget_prefixes(slot)  # cached keys and values of the slot's former weights
+            self._slot_names[slot - 1] = name
+        return slot
+
+    def unload_adapter(self, name: str) -> int:
+        """Stop serving the adapter `name`; returns its slot, which takes another adapter once the
+        requests already running on it have finished."""
+        with self.adapter_lock:
+            if name not in self._slot_names:
+                raise ValueError(f"no adapter {name!r}; loaded: {list(self.adapter_names)}")
+            slot = self._slot_names.index(name) + 1
+            self._slot_names[slot - 1] = None
+        return slot
 
     def _run(self, jobs: list[tuple[list[int], SamplingParams, int]]) -> list[Completion]:
         sched = self.scheduler
@@ -382,6 +444,8 @@ def load(
     adapters: str | os.PathLike | None = None,
     merge_adapters: bool = True,
     lora_modules: dict[str, str | os.PathLike] | None = None,
+    max_loras: int | None = None,
+    max_lora_rank: int | None = None,
     quantize: str | None = None,
     quantize_lm_head: bool = False,
     cache_dtype: str | None = None,
@@ -401,6 +465,9 @@ def load(
     applied on the fly with `merge_adapters=False`.
     `lora_modules`: {name: adapter directory}: all held at once over the base weights, each
     request picking one (`Request.adapter`, the server's `model` field) or none, in one batch.
+    `max_loras`: adapter slots (at least as many as `lora_modules`); the empty ones take adapters
+    later (`LLM.load_adapter`), on any target, up to rank `max_lora_rank` (default: 16, or the
+    largest of `lora_modules`), each slot costing that rank's A and B for every layer weight.
     `quantize`: "int8" or "fp8" quantizes the layer weights while loading, one layer at a time
     (llama_jax/quantization.py); a checkpoint stored quantized loads quantized without it.
     `quantize_lm_head`: also quantize an untied LM head (with `quantize`'s mode, else the stored
@@ -473,8 +540,12 @@ def load(
     rep = shardings.replicated if shardings is not None else None
     if adapters is not None:
         params = lora.attach(params, adapters, config, merge_adapters=merge_adapters, sharding=rep)
-    if lora_modules:
-        params = lora.attach_many(params, list(lora_modules.values()), config, sharding=rep)
+    if lora_modules or max_loras:
+        if max_lora_rank is None and max_loras:
+            ranks = [lora.read_config(d)[0].rank for d in (lora_modules or {}).values()]
+            max_lora_rank = max([16, *ranks])
+        params = lora.attach_many(params, list((lora_modules or {}).values()), config, sharding=rep,
+                                  slots=max_loras, max_rank=max_lora_rank)
     if shardings is not None:  # the tree as restored: quantized and LoRA weights are pytrees of arrays
         shardings = copy.copy(shardings)
         shardings.params = jax.tree.map(lambda a: a.sharding, params)
@@ -482,6 +553,7 @@ def load(
     return LLM(
         config, params, tokenizer, max_slots=max_slots, max_seq_len=max_seq_len, decode_steps=decode_steps,
         attention_impl=attention_impl, shardings=shardings, path=Path(ckpt), cache_dtype=cache_dtype,
-        feature_major_decode=feature_major_decode, adapter_names=tuple(lora_modules or ()), speculation=speculation,
+        feature_major_decode=feature_major_decode, speculation=speculation,
+        adapter_names=(*(lora_modules or ()), *[None] * ((max_loras or 0) - len(lora_modules or ()))),
         chat_template=chat_template,
     )

@@ -115,6 +115,7 @@ class Engine:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
         self.config = config
         self.params = params
+        self.shardings = shardings
         self.max_slots = max_slots
         self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
         self.prefill_buckets = tuple(sorted(b for b in prefill_buckets if b <= self.max_seq_len)) or (self.max_seq_len,)
@@ -571,6 +572,24 @@ class Engine:
         pairs += [(rows, 0)] * (n - len(pairs))  # padding blocks: row `rows` is dropped
         table = np.array(pairs, np.int32)
         return jnp.asarray(table[:, 0]), jnp.asarray(table[:, 1])
+
+    def set_params(self, params: Params) -> None:
+        """Run `params` from the next step on: weights of the same structure, shapes and dtypes
+        (a LoRA adapter slot rewritten, lora.put), so nothing recompiles."""
+        old = jax.tree.map(lambda a: (a.shape, a.dtype), self.params)
+        if jax.tree.map(lambda a: (a.shape, a.dtype), params) != old:
+            raise ValueError("the new parameters differ from the engine's in structure, shape or dtype")
+        if self.shardings is not None:
+            params = jax.device_put(params, self.shardings.params)
+        self.params = params
+        self._decode_params = feature_major_params(params) if self.feature_major_decode else params
+
+    def forget_prefixes(self, adapter: int) -> None:
+        """Drop what the free slots' cache rows hold as computed by `adapter` (its weights changed):
+        no later prompt reuses those keys and values."""
+        for slot in range(self.max_slots):
+            if self.slot_pos[slot] is None and slot not in self.filling and self._adapter[slot] == adapter:
+                self._history_len[slot] = 0
 
     def reset(self) -> None:
         """Free every slot and start from a fresh cache and sampler state: after a step that

@@ -325,44 +325,99 @@ def attach(params: Params, directory: str | os.PathLike, config: LlamaConfig, *,
 
 
 def attach_many(params: Params, directories: Sequence[str | os.PathLike], config: LlamaConfig, *,
-                sharding: Any = None) -> Params:
+                sharding: Any = None, slots: int | None = None, max_rank: int | None = None) -> Params:
     """`params` (one tree per layer) with the adapters of `directories` all held at once, as
     `MultiLoraWeight`s: adapter k (1-based, in the given order) runs on the batch rows whose
     `route` id is k, and id 0 is the base model; every call must be routed. The targets and
-    ranks may differ between adapters (a missing target is zeros); the adapters go to `sharding`."""
+    ranks may differ between adapters (a missing target is zeros); the adapters go to `sharding`.
+
+    `slots` (default: one per directory) beyond the directories are left empty for adapters
+    written later with `put`: then every target is held, at rank `max_rank` (default: the
+    largest given), so that any adapter up to that rank fits."""
     layers = params["layers"]
     if not isinstance(layers, (list, tuple)):
         raise AdapterError("serving several adapters needs one weight tree per layer (load(scan_layers=False))")
-    if not directories:
-        raise AdapterError("no adapter directories given")
+    if slots is None:
+        if not directories:
+            raise AdapterError("no adapter directories given")
+        slots = len(directories)
+    elif slots < 1:
+        raise AdapterError(f"slots must be >= 1, got {slots}")
+    if len(directories) > slots:
+        raise AdapterError(f"{len(directories)} adapters for {slots} slots")
     loaded = [load(d, config, sharding=sharding) for d in directories]
-    rank = max(lora.rank for _, lora in loaded)
-    names = sorted({name for adapters, _ in loaded for name in adapters}, key=list(layers[0]).index)
-    scale = jnp.asarray([0.0] + [lora.scale for _, lora in loaded], jnp.float32)
-    ids = jnp.zeros((1,), jnp.int32)
-    if sharding is not None:
-        scale, ids = jax.device_put((scale, ids), sharding)
-    stacked = {}
-    for name in names:
+    if max_rank is None:
+        if not loaded:
+            raise AdapterError("empty adapter slots need max_rank")
+        max_rank = max(lora.rank for _, lora in loaded)
+    if slots > len(loaded):
+        names = [name for name, _ in TARGETS.values()]
+    else:
+        names = sorted({name for adapters, _ in loaded for name in adapters}, key=list(layers[0]).index)
+    shapes = param_shapes(config)["layers"]
+    scale = jnp.zeros((slots + 1,), jnp.float32)
+    rows = jnp.zeros((1,), jnp.int32)
+
+    def zeros(name: str, key: str) -> jax.Array:
         n_in = next(n for w, n in TARGETS.values() if w == name)
-        shape = param_shapes(config)["layers"][name][1:]
-        a_shape, b_shape = (*shape[:n_in], rank), (rank, *shape[n_in:])
+        dims = shapes[name][1:]
+        shape = (*dims[:n_in], max_rank) if key == "a" else (max_rank, *dims[n_in:])
+        return jnp.zeros((slots + 1, *shape), jnp.float32)
 
-        def padded(adapters: Adapters, key: str, full: tuple[int, ...], name: str = name) -> jax.Array:
-            """(L, *full): the adapter's tensor zero-padded to the largest rank, or zeros."""
-            if name not in adapters:
-                return jnp.zeros((config.n_layers, *full), jnp.float32)
-            t = adapters[name][key]
+    # Committed, as `put` leaves them: committed and uncommitted arguments compile different programs.
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    scale, rows = jax.device_put((scale, rows), sharding)
+    out = {**params, "layers": tuple(
+        {**layer, **{n: MultiLoraWeight(layer[n], *jax.device_put((zeros(n, "a"), zeros(n, "b")), sharding),
+                                        scale, rows) for n in names}}
+        for layer in layers
+    )}
+    for k, (adapters, lora) in enumerate(loaded, 1):
+        out = put(out, k, adapters, lora)
+    return out
+
+
+def slot_layout(params: Params) -> tuple[int, int, tuple[str, ...]]:
+    """(slots, rank, target names) of the `MultiLoraWeight`s of `attach_many`; (0, 0, ()) if none."""
+    held = {n: w for n, w in params["layers"][0].items() if isinstance(w, MultiLoraWeight)} \
+        if isinstance(params["layers"], (list, tuple)) else {}
+    if not held:
+        return 0, 0, ()
+    w = next(iter(held.values()))
+    return w.scale.shape[0] - 1, w.a.shape[-1], tuple(held)
+
+
+def put(params: Params, slot: int, adapters: Adapters, lora: LoraConfig) -> Params:
+    """`params` of `attach_many` with adapter slot `slot` (1-based) now holding `adapters`
+    (zero-padded to the slots' rank; the targets it lacks zeros). The arrays keep their shapes
+    and placement, so compiled programs run the result as they ran `params`."""
+    slots, rank, held = slot_layout(params)
+    if not 1 <= slot <= slots:
+        raise AdapterError(f"adapter slot {slot} is outside [1, {slots}]")
+    if lora.rank > rank:
+        raise AdapterError(f"the adapter's rank {lora.rank} is above the {rank} its slot holds (the max LoRA rank)")
+    missing = sorted(set(adapters) - set(held))
+    if missing:
+        raise AdapterError(f"the adapter targets {missing}, which the adapter slots do not hold "
+                           "(spare slots hold every target)")
+    first = params["layers"][0][held[0]]
+    scale = jax.device_put(first.scale.at[slot].set(lora.scale), first.scale.sharding)
+
+    def part(w: MultiLoraWeight, name: str, key: str, i: int) -> jax.Array:
+        full = w.a if key == "a" else w.b
+        if name in adapters:
+            t = adapters[name][key][i]
             pad = [(0, 0)] * t.ndim
-            pad[-1 if key == "a" else 1] = (0, rank - t.shape[-1 if key == "a" else 1])
-            return jnp.pad(t, pad)
+            pad[-1 if key == "a" else 0] = (0, rank - lora.rank)
+            value = jnp.pad(t.astype(full.dtype), pad)
+        else:
+            value = jnp.zeros(full.shape[1:], full.dtype)
+        return jax.device_put(full.at[slot].set(value), full.sharding)
 
-        a = jnp.stack([jnp.zeros((config.n_layers, *a_shape))] + [padded(ad, "a", a_shape) for ad, _ in loaded], 1)
-        b = jnp.stack([jnp.zeros((config.n_layers, *b_shape))] + [padded(ad, "b", b_shape) for ad, _ in loaded], 1)
-        stacked[name] = (a, b)
     return {**params, "layers": tuple(
-        {**layer, **{n: MultiLoraWeight(layer[n], a[i], b[i], scale, ids) for n, (a, b) in stacked.items()}}
-        for i, layer in enumerate(layers)
+        {**layer, **{n: dataclasses.replace(layer[n], a=part(layer[n], n, "a", i), b=part(layer[n], n, "b", i),
+                                            scale=scale) for n in held}}
+        for i, layer in enumerate(params["layers"])
     )}
 
 

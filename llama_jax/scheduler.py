@@ -194,6 +194,12 @@ class Scheduler:
     def cancel(self, request: Request) -> None:
         request.cancelled = True
 
+    def adapters_in_use(self) -> set[int]:
+        """The LoRA adapters of the requests queued, prefilling or decoding."""
+        with self._lock:
+            waiting = list(self.waiting)
+        return {r.adapter for r in (*waiting, *self.running.values(), *(r for r, _ in self.filling.values()))}
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.filling or self.running)
 

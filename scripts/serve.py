@@ -21,6 +21,13 @@ on first use and cached); without it, SmolLM2-135M-Instruct. Endpoints: /v1/chat
 /v1/completions, /v1/responses, /v1/messages (Anthropic's), /tokenize, /detokenize, /v1/models, /health,
 /metrics (Prometheus).
 
+LoRA adapters can also come and go while serving, as with vLLM (a trainer pushing new weights):
+
+    python scripts/serve.py --max-loras 4 --allow-runtime-lora-updating
+    curl localhost:8000/v1/load_lora_adapter -H 'Content-Type: application/json' \\
+        -d '{"lora_name": "pirate", "lora_path": "adapters/pirate"}'
+    curl localhost:8000/v1/unload_lora_adapter -H 'Content-Type: application/json' -d '{"lora_name": "pirate"}'
+
 Several hosts (e.g. 405B in bf16 on two 8-GPU nodes): run it on every host with the same
 --coordinator and --num-processes and its own --process-id, on a converted checkpoint on a
 shared filesystem. Process 0 serves HTTP; the others repeat its device calls (llama_jax/lockstep.py).
@@ -42,6 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 API_KEY_ENV = "LLAMA_JAX_API_KEY"  # read when --api-key is not given (a key on the command line shows in `ps`)
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 
 def json_object(text: str) -> dict:
@@ -105,6 +113,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-modules", nargs="+", metavar="NAME=DIR", default=[],
                    help="LoRA adapters served at once beside the base model, each as a model of its own "
                         "(requests pick one by its name in `model`)")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="hold LoRA adapter slots (--max-loras) that take adapters at run time")
+    p.add_argument("--max-loras", type=int,
+                   help="LoRA adapter slots, for --lora-modules and adapters loaded at run time (default with "
+                        "--enable-lora: 1, or the number of --lora-modules); each holds every target's A and B")
+    p.add_argument("--max-lora-rank", type=int,
+                   help="the largest rank of an adapter loaded at run time (default 16, or the largest "
+                        "--lora-modules rank)")
+    p.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter, which read adapter directories "
+                        f"clients name on this machine (also: {RUNTIME_LORA_ENV}=true, as vLLM reads it)")
     from llama_jax.distributed import add_arguments as add_distributed_arguments
     from llama_jax.quantization import add_arguments
     from llama_jax.speculative import add_arguments as add_speculative_arguments
@@ -144,6 +163,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--lora-modules names {name!r} twice")
         modules[name] = path
     args.lora_modules = modules
+    if os.environ.get(RUNTIME_LORA_ENV, "").lower() in ("1", "true"):
+        args.allow_runtime_lora_updating = True
+    for name in ("max_loras", "max_lora_rank"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_loras is None and (args.enable_lora or args.allow_runtime_lora_updating):
+        args.max_loras = max(1, len(modules))
+    if args.max_loras is not None and args.max_loras < len(modules):
+        p.error(f"--max-loras {args.max_loras} is fewer than the {len(modules)} --lora-modules")
     if not args.api_key and os.environ.get(API_KEY_ENV):
         args.api_key = [os.environ[API_KEY_ENV]]
     if any(not key.strip() for key in args.api_key):
@@ -190,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             args.ckpt, dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
             decode_steps=args.decode_steps, attention_impl=args.attention, mesh=args.mesh,
             adapters=args.adapters, merge_adapters=args.merge_adapters, lora_modules=args.lora_modules or None,
+            max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
             speculation=args.speculative_config, chat_template=args.chat_template, **load_arguments(args),
         )
     except (ValueError, OSError) as e:  # bad path, config, checkpoint or mesh: say which, no traceback
@@ -201,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     if multi_host:
         import jax
 
+        if args.allow_runtime_lora_updating:
+            sys.exit("error: adapters cannot be loaded at run time on several processes")
         if jax.process_index() != 0:
             print(f"process {jax.process_index()}: following process 0", file=sys.stderr)
             lockstep.follow(llm)
@@ -215,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                              max_body_bytes=int(args.max_body_mb * (1 << 20)), api_keys=args.api_key,
                              stall_timeout=args.stall_timeout or None,
                              default_chat_template_kwargs=args.default_chat_template_kwargs,
+                             runtime_lora_updating=args.allow_runtime_lora_updating,
                              health_checks=[leader.problem] if leader is not None else [])
         except ValueError as e:  # e.g. an adapter named like the model
             sys.exit(f"error: {e}")

@@ -545,6 +545,136 @@ def test_serving_adapters_by_model_name(tiny_ckpt: Path, two_adapters) -> None:
         many.generate(prompt, max_tokens=2, adapter="third")
 
 
+def test_spare_slots_take_adapters_later(two_adapters) -> None:
+    """attach_many with a spare slot holds every target at the given rank; `put` writes an
+    adapter into a slot (or over one) without changing a shape, and each routed row then equals
+    the base with that adapter merged; an empty slot is the base model."""
+    base, dirs, loaded = two_adapters
+    many = lora.attach_many(_per_layer(base), dirs[:1], TINY, slots=3, max_rank=4)
+    slots, rank, held = lora.slot_layout(many)
+    assert (slots, rank, sorted(held)) == (3, 4, sorted(name for name, _ in lora.TARGETS.values()))
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), many)
+    many = lora.put(many, 3, *loaded[1])
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), many) == shapes  # the compiled programs still fit
+    merged = [base] + [lora.merge(base, ad, cfg) for ad, cfg in loaded]
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, 256, (4, 10)))
+
+    def check(routed_to: list[int], want: list[dict]) -> None:
+        got = _logits(lora.route(many, np.array(routed_to)), TINY, tokens)
+        for row, params in enumerate(want):
+            assert float(jnp.abs(got[row] - _logits(params, TINY, tokens[row : row + 1])[0]).max()) < 1e-4, row
+
+    check([0, 1, 2, 3], [base, merged[1], base, merged[2]])
+    many = lora.put(many, 1, *loaded[1])  # slot 1 rewritten: the other adapter's targets are zeros now
+    check([1], [merged[2]])
+    with pytest.raises(lora.AdapterError, match="rank 4 is above the 2"):
+        lora.put(lora.attach_many(_per_layer(base), [], TINY, slots=1, max_rank=2), 1, *loaded[0])
+    with pytest.raises(lora.AdapterError, match="slot 4 is outside"):
+        lora.put(many, 4, *loaded[0])
+    exact = lora.attach_many(_per_layer(base), dirs[1:], TINY, max_rank=4)  # no spare slot: its targets only
+    with pytest.raises(lora.AdapterError, match="do not hold"):
+        lora.put(exact, 1, *loaded[0])
+    with pytest.raises(lora.AdapterError, match="2 adapters for 1 slots"):
+        lora.attach_many(_per_layer(base), dirs, TINY, slots=1)
+
+
+@pytest.fixture(scope="module")
+def served_alone(tiny_ckpt: Path, two_adapters) -> tuple[list[int], dict[str, list[int]]]:
+    """A prompt and its greedy tokens on the base model and on each adapter, from load(lora_modules=...)."""
+    import llama_jax
+
+    _, dirs, _ = two_adapters
+    ref = llama_jax.load(tiny_ckpt, lora_modules={"a": dirs[0], "b": dirs[1]}, **SLOTTED)
+    prompt = np.random.default_rng(7).integers(0, 256, 40).tolist()  # long enough for prefix reuse
+    return prompt, {m: ref.generate(prompt, max_tokens=6, temperature=0, adapter=m).token_ids for m in (0, "a", "b")}
+
+
+SLOTTED = dict(dtype="float32", max_seq_len=64, max_slots=2, progress=False)
+
+
+def test_adapters_load_and_unload_at_run_time(tiny_ckpt: Path, two_adapters, served_alone) -> None:
+    """load(max_loras=N) leaves N empty slots; load_adapter fills one without recompiling and
+    answers as load(lora_modules=...) does; replacing an adapter drops the prefixes its old
+    weights cached; an unloaded adapter's slot is reused only once its requests are done."""
+    import llama_jax
+    from llama_jax.sampling import SamplingParams
+    from llama_jax.scheduler import Request
+
+    _, dirs, _ = two_adapters
+    prompt, want = served_alone
+    llm = llama_jax.load(tiny_ckpt, max_loras=1, max_lora_rank=4, **SLOTTED)
+    greedy = dict(max_tokens=6, temperature=0)
+    assert llm.adapter_names == () and llm.generate(prompt, **greedy).token_ids == want[0]
+    with pytest.raises(ValueError, match="no adapter 'a'"):
+        llm.generate(prompt, adapter="a", **greedy)
+    assert llm.load_adapter("a", dirs[0]) == 1 and llm.adapter_names == ("a",)
+    assert llm.generate(prompt, adapter="a", **greedy).token_ids == want["a"]
+    assert llm.generate(prompt, adapter="a", **greedy).cached_tokens > 0  # the prefix is reused ...
+    programs = (llm.engine._prefill._cache_size(), llm.engine._decode._cache_size())
+    with pytest.raises(ValueError, match="all 1 adapter slots are taken"):
+        llm.load_adapter("b", dirs[1])
+    with pytest.raises(ValueError, match="loaded already"):
+        llm.load_adapter("a", dirs[1])
+    llm.load_adapter("a", dirs[1], replace=True)
+    again = llm.generate(prompt, adapter="a", **greedy)
+    assert again.token_ids == want["b"] and again.cached_tokens == 0  # ... but not over new weights
+    assert (llm.engine._prefill._cache_size(), llm.engine._decode._cache_size()) == programs
+
+    running = llm.scheduler.add(Request(prompt, SamplingParams.greedy(max_tokens=4), adapter=1))
+    assert llm.unload_adapter("a") == 1 and llm.adapter_names == ()
+    with pytest.raises(ValueError, match="1 freed, still running requests"):
+        llm.load_adapter("b", dirs[1])
+    while not running.done:
+        llm.scheduler.step()
+    assert llm.load_adapter("b", dirs[1]) == 1
+    assert llm.generate(prompt, adapter="b", **greedy).token_ids == want["b"]
+    with pytest.raises(ValueError, match="no adapter slots"):
+        llama_jax.load(tiny_ckpt, **SLOTTED).load_adapter("a", dirs[0])
+
+
+def test_runtime_lora_updating_over_http(tiny_ckpt: Path, two_adapters, served_alone) -> None:
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: a loaded adapter is listed and
+    served by name, as load(lora_modules=...) serves it; bad requests are 400s and 404s and
+    leave the server as it was; without runtime_lora_updating the routes do not exist."""
+    from fastapi.testclient import TestClient
+
+    import llama_jax
+    from llama_jax.server import create_app
+
+    _, dirs, _ = two_adapters
+    prompt, want = served_alone
+    llm = llama_jax.load(tiny_ckpt, max_loras=2, max_lora_rank=4, **SLOTTED)
+    body = dict(prompt=[prompt], max_tokens=6, temperature=0, return_token_ids=True)
+
+    def tokens(c: TestClient, model: str) -> list[int]:
+        r = c.post("/v1/completions", json=dict(body, model=model))
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    with TestClient(create_app(llm, model_name="base", runtime_lora_updating=True)) as c:
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(dirs[0])})
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'a' added successfully."
+        assert [(m["id"], m["parent"]) for m in c.get("/v1/models").json()["data"]] == [("base", None), ("a", "base")]
+        assert tokens(c, "a") == want["a"] and tokens(c, "base") == want[0]
+        for bad, status, text in [
+            ({"lora_name": "a", "lora_path": str(dirs[1])}, 400, "already been loaded"),
+            ({"lora_name": "base", "lora_path": str(dirs[1])}, 400, "the base model's name"),
+            ({"lora_name": "c", "lora_path": str(tiny_ckpt)}, 400, "not a llama-jax LoRA adapter directory"),
+            ({"lora_name": "c"}, 400, "lora_path"),
+        ]:
+            r = c.post("/v1/load_lora_adapter", json=bad)
+            assert r.status_code == status and text in r.json()["error"]["message"], r.text
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(dirs[1]), "load_inplace": True})
+        assert r.status_code == 200 and tokens(c, "a") == want["b"]
+        r = c.post("/v1/unload_lora_adapter", json={"lora_name": "a"})
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'a' removed successfully."
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "a"}).status_code == 404
+        assert c.post("/v1/completions", json=dict(body, model="a")).status_code == 404
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["base"]
+    with TestClient(create_app(llm, model_name="base")) as c:
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(dirs[0])}).status_code == 404
+
+
 def test_serve_script_parses_lora_modules() -> None:
     serve = _load_script("serve")
     assert serve.parse_args(["--lora-modules", "a=x", "b=y/z"]).lora_modules == {"a": "x", "b": "y/z"}
@@ -569,6 +699,22 @@ def test_serve_script_takes_vllm_flags() -> None:
     for bad in (["-tp", "8", "--mesh", "tp=8"], ["-tp", "0"], ["--gpu-memory-utilization", "1.5"],
                 ["--tool-call-parser", "hermes"], ["--default-chat-template-kwargs", "[1]"],
                 ["--default-chat-template-kwargs", "{bad"]):
+        with pytest.raises(SystemExit):
+            serve.parse_args(bad)
+
+
+def test_serve_script_lora_slot_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    serve = _load_script("serve")
+    monkeypatch.delenv(serve.RUNTIME_LORA_ENV, raising=False)
+    plain = serve.parse_args(["--lora-modules", "a=x", "b=y"])
+    assert plain.max_loras is None and not plain.allow_runtime_lora_updating  # exactly these adapters
+    assert serve.parse_args(["--enable-lora"]).max_loras == 1
+    assert serve.parse_args(["--enable-lora", "--lora-modules", "a=x", "b=y"]).max_loras == 2
+    assert serve.parse_args(["--max-loras", "4", "--max-lora-rank", "64"]).max_lora_rank == 64
+    monkeypatch.setenv(serve.RUNTIME_LORA_ENV, "True")
+    runtime = serve.parse_args([])
+    assert runtime.allow_runtime_lora_updating and runtime.max_loras == 1
+    for bad in (["--max-loras", "0"], ["--max-lora-rank", "0"], ["--max-loras", "1", "--lora-modules", "a=x", "b=y"]):
         with pytest.raises(SystemExit):
             serve.parse_args(bad)
 

@@ -6,6 +6,7 @@ owns `llm.scheduler` while it runs: do not call `llm.generate` on the same LLM m
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import time
@@ -13,13 +14,13 @@ from typing import Annotated, Any, AsyncIterator, Callable, Literal, Sequence
 
 from fastapi import FastAPI, Query, Request
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
 from .chat import create_chat_completion
 from .completions import create_completion
-from .errors import APIError, send_error
+from .errors import APIError, bad_request, send_error
 from .generation import ServerContext
 from .messages import CountTokensRequest, MessagesRequest, count_tokens, create_message
 from .metrics import ServerMetrics
@@ -28,10 +29,12 @@ from .protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoraAdapterRequest,
 )
 from .responses import ResponsesRequest, ResponseStore, create_response
 from .tokens import detokenize, tokenize
@@ -57,6 +60,7 @@ def create_app(
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT_S,
     health_checks: Sequence[Callable[[], str | None]] = (),
     default_chat_template_kwargs: dict[str, Any] | None = None,
+    runtime_lora_updating: bool = False,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `llm` (a `llama_jax.api.LLM` with a tokenizer).
 
@@ -70,6 +74,9 @@ def create_app(
     `lockstep.Leader.problem`).
     `default_chat_template_kwargs`: chat template variables for every chat; a request's own
     `chat_template_kwargs` win (vLLM's --default-chat-template-kwargs).
+    `runtime_lora_updating`: serve vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter,
+    which read adapter directories named by the client on the server's filesystem (into the
+    empty adapter slots of `load(max_loras=N)`).
     """
     if any(not key for key in api_keys):
         raise ValueError("an API key is empty")
@@ -151,15 +158,40 @@ def create_app(
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
         return await detokenize(ctx, body)
 
-    def card(adapter: int = 0) -> ModelCard:
+    def card(adapter: str | int = 0) -> ModelCard:
         if adapter == 0:
             return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_seq_len)
-        return ModelCard(id=ctx.adapter_names[adapter - 1], created=ctx.created, max_model_len=ctx.max_seq_len,
-                         parent=ctx.model_name)
+        return ModelCard(id=str(adapter), created=ctx.created, max_model_len=ctx.max_seq_len, parent=ctx.model_name)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[card(k) for k in range(len(ctx.adapter_names) + 1)])
+        return ModelList(data=[card(0), *map(card, ctx.adapter_names)])
+
+    if runtime_lora_updating:
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
+            name = body.lora_name
+            if name == ctx.model_name:
+                raise bad_request(f"{name!r} is the base model's name", "lora_name")
+            if name in ctx.adapter_names and not body.load_inplace:
+                raise bad_request(f"The LoRA adapter {name!r} has already been loaded "
+                                  "(unload it first, or set load_inplace)", "lora_name")
+            try:  # read off the event loop and the engine thread; written between two engine steps
+                adapters, config = await asyncio.to_thread(llm.read_adapter, body.lora_path)
+                await asyncio.wrap_future(worker.call(
+                    lambda: llm.install_adapter(name, adapters, config, replace=body.load_inplace)))
+            except (ValueError, OSError) as e:
+                raise bad_request(str(e), "lora_path") from None
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> PlainTextResponse:
+            try:
+                llm.unload_adapter(body.lora_name)
+            except ValueError:
+                raise APIError(404, f"The LoRA adapter {body.lora_name!r} cannot be found", param="lora_name",
+                               code="model_not_found") from None
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> ModelCard:

@@ -131,7 +131,7 @@ class ChatJob:
     ids: list[int]
     tools: list[dict[str, Any]] | None
     sub: Submission
-    adapter: int = 0
+    adapter: str | int = 0  # ServerContext.check_model's
 
 
 async def start_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatJob:

@@ -43,7 +43,7 @@ from .protocol import (
 PROMPT_LOGPROBS_MAX_ELEMENTS = 1 << 26  # 256 MiB
 
 
-def _prompt_logp(llm: Any, ids: list[int], adapter: int) -> np.ndarray:
+def _prompt_logp(llm: Any, ids: list[int], adapter: str | int) -> np.ndarray:
     """(len(ids) - 1, V) float64 log-probabilities of the token after each prompt position."""
     n = len(ids)
     padded = max(16, 1 << (n - 1).bit_length())  # power-of-two lengths bound the compilations
@@ -52,7 +52,7 @@ def _prompt_logp(llm: Any, ids: list[int], adapter: int) -> np.ndarray:
     return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
 
 
-def prompt_logprobs(llm: Any, ids: list[int], top: int, adapter: int = 0) -> list[TokenLogprob | None]:
+def prompt_logprobs(llm: Any, ids: list[int], top: int, adapter: str | int = 0) -> list[TokenLogprob | None]:
     """Log-probability of each prompt token given the ones before it (None for the first)."""
     out: list[TokenLogprob | None] = [None]
     for i, row in enumerate(_prompt_logp(llm, ids, adapter), 1):
@@ -61,7 +61,7 @@ def prompt_logprobs(llm: Any, ids: list[int], top: int, adapter: int = 0) -> lis
     return out
 
 
-async def vllm_prompt_logprobs(ctx: ServerContext, ids: list[int], top: int, adapter: int) -> PromptLogprobs:
+async def vllm_prompt_logprobs(ctx: ServerContext, ids: list[int], top: int, adapter: str | int) -> PromptLogprobs:
     """vLLM's `prompt_logprobs` of a prompt: per token after the first, the token itself and the
     `top` most likely ones there, with log-probability, rank and text (computed on the engine thread)."""
     check_prompt_logits(ctx, ids, "prompt_logprobs")

@@ -57,26 +57,38 @@ class ServerContext:
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
-        """The LoRA adapters served beside the base model, as models of their own (1-based)."""
+        """The LoRA adapters served beside the base model, as models of their own."""
         return self.llm.adapter_names
 
-    def check_model(self, name: str) -> int:
-        """The adapter a request's `model` names: 0 for the base model, k for adapter k; else a 404."""
+    def check_model(self, name: str) -> str | int:
+        """The adapter a request's `model` names: 0 for the base model, else the adapter's name,
+        resolved again when the request is queued (adapters may be loaded and unloaded between:
+        see submit); a name not served is a 404."""
         if name == self.model_name:
             return 0
         if name in self.adapter_names:
-            return self.adapter_names.index(name) + 1
-        served = ", ".join(repr(m) for m in (self.model_name, *self.adapter_names))
-        raise APIError(404, f"The model {name!r} does not exist; this server serves {served}",
-                       param="model", code="model_not_found")
+            return name
+        raise self._unknown_model(name)
 
-    def submit(self, jobs: Sequence[tuple[list[int], SamplingParams]], adapter: int = 0) -> Submission:
+    def _unknown_model(self, name: str) -> APIError:
+        served = ", ".join(repr(m) for m in (self.model_name, *self.adapter_names))
+        return APIError(404, f"The model {name!r} does not exist; this server serves {served}",
+                        param="model", code="model_not_found")
+
+    def submit(self, jobs: Sequence[tuple[list[int], SamplingParams]], adapter: str | int = 0) -> Submission:
         limit = self.worker.scheduler.max_queue
         if len(jobs) > limit:  # could never be queued, however idle the server
             raise bad_request(f"the request asks for {len(jobs)} sequences (prompts x n); "
                               f"this server queues at most {limit}", "n")
         try:
-            sub = self.worker.submit(jobs, asyncio.get_running_loop(), adapter)
+            # The name is resolved and the requests queued under the adapter lock: an adapter
+            # unloaded meanwhile is a 404, and its slot is not refilled under these requests.
+            with self.llm.adapter_lock:
+                try:
+                    index = self.llm.adapter_index(adapter)
+                except ValueError:
+                    raise self._unknown_model(str(adapter)) from None
+                sub = self.worker.submit(jobs, asyncio.get_running_loop(), index)
         except QueueFull as e:
             raise APIError(503, f"the server is overloaded ({e}); retry later", code="overloaded") from None
         except ValueError as e:

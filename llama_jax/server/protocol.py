@@ -473,6 +473,21 @@ class CompletionRequest(_SamplingFields):
         return self.max_tokens
 
 
+class LoadLoraAdapterRequest(_Input):
+    """vLLM's /v1/load_lora_adapter: serve the adapter directory `lora_path` as model `lora_name`."""
+
+    lora_name: Annotated[Text, Field(min_length=1)]
+    lora_path: Annotated[Text, Field(min_length=1)]
+    load_inplace: StrictBool = False  # replace the weights of an adapter of that name
+
+
+class UnloadLoraAdapterRequest(_Input):
+    """vLLM's /v1/unload_lora_adapter."""
+
+    lora_name: Annotated[Text, Field(min_length=1)]
+    lora_int_id: int | None = None  # vLLM's internal id; names identify adapters here
+
+
 class TokenizeRequest(_Input):
     """vLLM's /tokenize: a raw prompt, or messages rendered by the chat format."""
 
