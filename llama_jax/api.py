@@ -135,7 +135,7 @@ class LLM:
         logits, _ = forward(params, self.config, tokens, positions, cache, attention_impl=self.attention_impl)
         return logits
 
-    def logits(self, tokens: np.ndarray | Sequence[Sequence[int]], adapter: int = 0) -> np.ndarray:
+    def logits(self, tokens: np.ndarray | Sequence[Sequence[int]], adapter: str | int = 0) -> np.ndarray:
         """Full-sequence float32 logits (B, T, V) for token ids (B, T) at positions 0..T-1, with
         LoRA adapter `adapter` (a name, or its 1-based slot; 0: the base model)."""
         tokens = jnp.asarray(np.asarray(tokens, dtype=np.int32))
@@ -294,7 +294,6 @@ class LLM:
             bar.update()
         self.engine.release(slot)
 
-    # ---- driving the scheduler ----
     # ---- LoRA adapters ----
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -362,6 +361,7 @@ class LLM:
             self._slot_names[slot - 1] = None
         return slot
 
+    # ---- driving the scheduler ----
     def _run(self, jobs: list[tuple[list[int], SamplingParams, int]]) -> list[Completion]:
         sched = self.scheduler
         if sched is None:
