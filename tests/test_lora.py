@@ -640,6 +640,8 @@ def test_runtime_lora_updating_over_http(tiny_ckpt: Path, two_adapters, served_a
 
     import llama_jax
     from llama_jax.server import create_app
+    from llama_jax.server.completions import _prompt_logp
+    from llama_jax.server.errors import APIError
 
     _, dirs, _ = two_adapters
     prompt, want = served_alone
@@ -670,6 +672,8 @@ def test_runtime_lora_updating_over_http(tiny_ckpt: Path, two_adapters, served_a
         assert r.status_code == 200 and r.text == "Success: LoRA adapter 'a' removed successfully."
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": "a"}).status_code == 404
         assert c.post("/v1/completions", json=dict(body, model="a")).status_code == 404
+        with pytest.raises(APIError, match="no adapter 'a'"):  # echoed log-probabilities asked before the unload
+            _prompt_logp(llm, prompt, "a")
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["base"]
     with TestClient(create_app(llm, model_name="base")) as c:
         assert c.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(dirs[0])}).status_code == 404

@@ -16,7 +16,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
 from ..scheduler import TokenLogprob
-from .errors import bad_request
+from .errors import APIError, bad_request
 from .generation import (
     MIN_LOGPROB,
     ClientGone,
@@ -47,7 +47,11 @@ def _prompt_logp(llm: Any, ids: list[int], adapter: str | int) -> np.ndarray:
     """(len(ids) - 1, V) float64 log-probabilities of the token after each prompt position."""
     n = len(ids)
     padded = max(16, 1 << (n - 1).bit_length())  # power-of-two lengths bound the compilations
-    logits = llm.logits([ids + [0] * (padded - n)], adapter)[0, : n - 1].astype(np.float64)
+    try:
+        index = llm.adapter_index(adapter)
+    except ValueError as e:  # unloaded since the request named it (this runs later, on the engine thread)
+        raise APIError(404, str(e), param="model", code="model_not_found") from None
+    logits = llm.logits([ids + [0] * (padded - n)], index)[0, : n - 1].astype(np.float64)
     m = logits.max(axis=-1, keepdims=True)
     return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
 
