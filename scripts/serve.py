@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(args.gpu_memory_utilization)
     try:
         multi_host = initialize_from_args(args)  # before anything starts the JAX backend
+        if multi_host and args.allow_runtime_lora_updating:
+            sys.exit("error: adapters cannot be loaded at run time on several processes")
         llm = llama_jax.api.load(
             args.ckpt, dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
             decode_steps=args.decode_steps, attention_impl=args.attention, mesh=args.mesh,
@@ -230,8 +232,6 @@ def main(argv: list[str] | None = None) -> None:
     if multi_host:
         import jax
 
-        if args.allow_runtime_lora_updating:
-            sys.exit("error: adapters cannot be loaded at run time on several processes")
         if jax.process_index() != 0:
             print(f"process {jax.process_index()}: following process 0", file=sys.stderr)
             lockstep.follow(llm)
