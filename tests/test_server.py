@@ -1254,7 +1254,7 @@ def test_responses_are_stored_and_continued(scripted: openai.OpenAI, scripted_ll
 def test_background_responses(scripted: openai.OpenAI, scripted_llm: LLM, scripted_url: str) -> None:
     """background=true answers at once (queued); the response generates with no client attached,
     GET shows it finished, and cancel stops one that runs (its slot freed)."""
-    with script(scripted_llm, "Done in the background.", delay=0.05):
+    with script(scripted_llm, "Done in the background.", delay=0.25):  # still running at the next request
         queued = scripted.responses.create(model=SCRIPTED, input="Hi", background=True)
         assert queued.status in ("queued", "in_progress") and queued.background and queued.output == []
         with pytest.raises(openai.BadRequestError, match="still in progress"):
@@ -1284,6 +1284,46 @@ def test_background_responses(scripted: openai.OpenAI, scripted_llm: LLM, script
         scripted.responses.cancel(plain.id)
     with pytest.raises(openai.NotFoundError):
         scripted.responses.cancel("resp_nope")
+
+
+def test_background_responses_stream_and_resume(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
+    """background with stream: a client may leave the stream while the response goes on
+    generating, and take it up again after any sequence number (GET ?stream=true&starting_after=N),
+    or read it all again once finished; a cancelled one's streams end."""
+    with script(scripted_llm, "Streamed in the background.", delay=0.05):
+        first = []
+        with scripted.responses.create(model=SCRIPTED, input="Hi", background=True, stream=True) as stream:
+            for ev in stream:
+                first.append(ev)
+                if len(first) == 4:
+                    break  # the client leaves
+        rid = first[0].response.id
+        rest = list(scripted.responses.retrieve(rid, stream=True, starting_after=first[-1].sequence_number))
+    assert [e.type for e in first[:3]] == ["response.created", "response.queued", "response.in_progress"]
+    assert first[0].response.status == "queued" and first[0].response.background
+    everything = first + rest
+    assert [e.sequence_number for e in everything] == list(range(len(everything)))
+    assert "".join(e.delta for e in everything if e.type == "response.output_text.delta") == \
+        "Streamed in the background."
+    assert rest[-1].type == "response.completed" and rest[-1].response.output_text == "Streamed in the background."
+    assert scripted.responses.retrieve(rid).status == "completed"
+    again = list(scripted.responses.retrieve(rid, stream=True))  # from the start, finished
+    assert [e.model_dump() for e in again] == [e.model_dump() for e in everything]
+    with script(scripted_llm, " word" * 1000, delay=0.05):  # 12 s at 4 tokens per 50 ms
+        with scripted.responses.create(model=SCRIPTED, input="Hi", background=True, stream=True) as stream:
+            events = iter(stream)
+            long_id = next(events).response.id
+            assert any(ev.type == "response.output_text.delta" for ev in events)  # generating
+            assert scripted.responses.cancel(long_id).status == "cancelled"
+            tail = [ev.type for ev in events]  # the stream ends with the response
+        assert "response.completed" not in tail
+        assert list(scripted.responses.retrieve(long_id, stream=True))[-1].type != "response.completed"
+        _wait_idle(scripted_llm, within=2.0)
+    with script(scripted_llm, "Polled."):
+        polled = scripted.responses.create(model=SCRIPTED, input="Hi", background=True)
+        with pytest.raises(openai.BadRequestError, match="only those can be streamed again"):
+            list(scripted.responses.retrieve(polled.id, stream=True))
+        _wait_idle(scripted_llm, within=10.0)
 
 
 def test_a_stopped_background_response_stays_stopped() -> None:
@@ -1388,7 +1428,6 @@ def test_responses_structured_output(client: openai.OpenAI) -> None:
     ({"input": "x", "max_output_tokens": 10**6}, "max_output_tokens"),
     ({"input": "word " * 3000}, "input"),
     ({"input": "x", "background": True, "store": False}, "background"),
-    ({"input": "x", "background": True, "stream": True}, "background"),
 ])
 def test_responses_bad_requests(scripted_url: str, body: dict, param: str) -> None:
     r = httpx.post(f"{scripted_url}/v1/responses", json={"model": SCRIPTED, **body}, timeout=30)

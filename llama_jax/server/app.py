@@ -14,14 +14,14 @@ from typing import Annotated, Any, AsyncIterator, Callable, Literal, Sequence
 
 from fastapi import FastAPI, Query, Request
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
 from .chat import create_chat_completion
 from .completions import create_completion
 from .errors import APIError, bad_request, send_error
-from .generation import ServerContext
+from .generation import SSE_HEADERS, ServerContext
 from .messages import CountTokensRequest, MessagesRequest, count_tokens, create_message
 from .metrics import ServerMetrics
 from .protocol import (
@@ -123,7 +123,11 @@ def create_app(
         return await create_response(ctx, body, request, stored)
 
     @app.get("/v1/responses/{response_id}")
-    async def get_response(response_id: str) -> JSONResponse:
+    async def get_response(response_id: str, stream: bool = False,
+                           starting_after: Annotated[int | None, Query(ge=0)] = None) -> Response:
+        if stream:  # a streamed background response's events, from after `starting_after` on
+            return StreamingResponse(stored.follow(response_id, starting_after), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
         return JSONResponse(stored.response(response_id))
 
     @app.get("/v1/responses/{response_id}/input_items")

@@ -12,7 +12,8 @@ with `previous_response_id` continues that response's conversation (its input an
 not its instructions, as OpenAI does), GET/DELETE /v1/responses/{id} read and remove one, and
 GET /v1/responses/{id}/input_items lists the items it was made from. A `background` request is
 answered at once (status "queued"), generates with no client attached (GET shows its progress and
-result), and POST /v1/responses/{id}/cancel stops it.
+result), and POST /v1/responses/{id}/cancel stops it; with `stream` too, its events are kept, so
+that the stream can be left and taken up again (GET /v1/responses/{id}?stream=true&starting_after=N).
 `conversation` (the Conversations API) and stored prompts are refused. The request models live
 here rather than in protocol.py because no other endpoint shares them.
 """
@@ -36,12 +37,12 @@ from pydantic import (
     model_validator,
 )
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from ..sampling import MAX_TOP_LOGPROBS
 from .chat import start_chat
 from .errors import APIError, bad_request
-from .generation import ClientGone, ServerContext, chat_logprobs, events, sse_response
+from .generation import SSE_HEADERS, ClientGone, ServerContext, chat_logprobs, events, sse_response
 from .protocol import (
     ChatCompletionRequest,
     FunctionDef,
@@ -222,8 +223,6 @@ class ResponsesRequest(_Input):
     def _background_is_stored(cls, background: bool | None, info: ValidationInfo) -> bool | None:
         if background and info.data.get("store") is False:
             raise ValueError("a background response is stored: store must not be false")
-        if background and info.data.get("stream"):
-            raise ValueError("background responses are not streamed by this server; poll GET /v1/responses/{id}")
         return background
 
     @field_validator("tool_choice")
@@ -251,6 +250,41 @@ class _Stored(NamedTuple):
     inputs: int  # how many of them were the input
 
 
+class EventLog:
+    """The server-sent events of a streamed background response, kept for readers that come and
+    go: event i has sequence number i."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.done = False
+        self._changed = asyncio.Event()
+
+    def append(self, event: str) -> None:
+        self.events.append(event)
+        self._wake()
+
+    def close(self) -> None:
+        self.done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def follow(self, after: int | None = None) -> AsyncIterator[str]:
+        """The events after sequence number `after` (None: all), then each new one as it comes,
+        until the response has ended."""
+        i = 0 if after is None else after + 1
+        while True:
+            changed = self._changed
+            while i < len(self.events):
+                yield self.events[i]
+                i += 1
+            if self.done:
+                return
+            await changed.wait()
+
+
 class ResponseStore:
     """Stored responses, the latest `size` of them: each one's response object and its whole
     conversation (the items of every request in its chain, and their outputs as input items)."""
@@ -261,6 +295,7 @@ class ResponseStore:
         # Background responses still generating: their task and what stops their engine requests.
         self._running: dict[str, tuple[asyncio.Task, Callable[[], None]]] = {}
         self._stopped: set[str] = set()  # cancelled or deleted while generating: not put back
+        self._logs: dict[str, EventLog] = {}  # streamed background responses' events
 
     def put(self, response: dict[str, Any], inputs: list[Item], outputs: list[Item]) -> None:
         """Keep `response`, made from the conversation `inputs` (items with ids: `with_id`), whose
@@ -269,7 +304,21 @@ class ResponseStore:
             return
         self._entries[response["id"]] = _Stored(response, inputs + outputs, len(inputs))
         while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+            self._logs.pop(self._entries.popitem(last=False)[0], None)
+
+    def event_log(self, rid: str) -> EventLog:
+        """A new log for the events of streamed background response `rid`."""
+        self._logs[rid] = EventLog()
+        return self._logs[rid]
+
+    def follow(self, rid: str, after: int | None) -> AsyncIterator[str]:
+        """GET /v1/responses/{id}?stream=true: the events of a streamed background response
+        after sequence number `after`, and the rest as they come."""
+        self._get(rid)
+        if rid not in self._logs:
+            raise APIError(400, f"Response {rid!r} was not created with background=true and stream=true: "
+                                "only those can be streamed again.", param="stream")
+        return self._logs[rid].follow(after)
 
     def response(self, rid: str) -> dict[str, Any]:
         return self._get(rid).response
@@ -291,6 +340,8 @@ class ResponseStore:
         def done(_: asyncio.Task) -> None:
             self._running.pop(rid, None)
             self._stopped.discard(rid)
+            if rid in self._logs:  # finished, failed or cancelled (even before it started): its streams end
+                self._logs[rid].close()
             cleanup()
 
         task = asyncio.get_running_loop().create_task(work)
@@ -347,6 +398,7 @@ class ResponseStore:
         self._get(rid)
         self._stop(rid)
         del self._entries[rid]
+        self._logs.pop(rid, None)
         return {"id": rid, "object": "response", "deleted": True}
 
     def _get(self, rid: str) -> _Stored:
@@ -591,19 +643,38 @@ async def create_response(ctx: ServerContext, body: ResponsesRequest, request: H
             store.put(final, conversation, as_input(output.items))
         yield f"response.{status}", {"response": final}
 
+    seq = itertools.count()
+
+    def event(kind: str, fields: dict[str, Any]) -> str:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': next(seq), **fields})}\n\n"
+
     if body.background:
         queued = response_object(ctx, body, rid, created, status="queued", output=[])
         store.put(queued, conversation, [])
+        log = store.event_log(rid) if body.stream else None
+
+        def emit(kind: str, fields: dict[str, Any]) -> None:
+            if log is not None:
+                log.append(event(kind, fields))
 
         async def work() -> None:
+            emit("response.created", {"response": queued})
+            emit("response.queued", {"response": queued})
+            started = False
             try:
-                async for kind, _ in generate():  # the last event comes after it puts the finished response
-                    if kind not in ("response.completed", "response.incomplete"):
+                async for kind, fields in generate():  # the last event comes after it puts the finished response
+                    if not started:
+                        started = True
                         store.set_status(rid, "in_progress")
+                        emit("response.in_progress", {"response": {**queued, "status": "in_progress"}})
+                    emit(kind, fields)
             except APIError as e:
                 store.set_status(rid, "failed", error={"code": "server_error", "message": e.message})
+                emit("error", {"code": e.code or e.type, "message": e.message, "param": e.param})
 
         store.run(rid, work(), cleanup=job.sub.cancel)
+        if log is not None:  # a client that leaves this stream leaves the response generating
+            return StreamingResponse(log.follow(), media_type="text/event-stream", headers=SSE_HEADERS)
         return Response(json.dumps(queued), media_type="application/json")
 
     if not body.stream:
@@ -616,11 +687,6 @@ async def create_response(ctx: ServerContext, body: ResponsesRequest, request: H
         finally:
             job.sub.cancel()
         return Response(json.dumps(last["response"]), media_type="application/json")
-
-    seq = itertools.count()
-
-    def event(kind: str, fields: dict[str, Any]) -> str:
-        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': next(seq), **fields})}\n\n"
 
     async def stream() -> AsyncIterator[str]:
         start = response_object(ctx, body, rid, created, status="in_progress", output=[])
