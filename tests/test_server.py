@@ -1319,6 +1319,13 @@ def test_background_responses_stream_and_resume(scripted: openai.OpenAI, scripte
         assert "response.completed" not in tail
         assert list(scripted.responses.retrieve(long_id, stream=True))[-1].type != "response.completed"
         _wait_idle(scripted_llm, within=2.0)
+        with scripted.responses.create(model=SCRIPTED, input="Hi", background=True, stream=True) as stream:
+            events = iter(stream)
+            gone = next(events).response.id
+            assert any(ev.type == "response.output_text.delta" for ev in events)
+            scripted.responses.delete(gone)  # deleting it stops it, and ends its streams
+            assert "response.completed" not in [ev.type for ev in events]
+        _wait_idle(scripted_llm, within=2.0)
     with script(scripted_llm, "Polled."):
         polled = scripted.responses.create(model=SCRIPTED, input="Hi", background=True)
         with pytest.raises(openai.BadRequestError, match="only those can be streamed again"):

@@ -304,12 +304,18 @@ class ResponseStore:
             return
         self._entries[response["id"]] = _Stored(response, inputs + outputs, len(inputs))
         while len(self._entries) > self.size:
-            self._logs.pop(self._entries.popitem(last=False)[0], None)
+            self._drop_log(self._entries.popitem(last=False)[0])
 
     def event_log(self, rid: str) -> EventLog:
         """A new log for the events of streamed background response `rid`."""
         self._logs[rid] = EventLog()
         return self._logs[rid]
+
+    def _drop_log(self, rid: str) -> None:
+        """Forget a response's events; the streams reading them end."""
+        log = self._logs.pop(rid, None)
+        if log is not None:
+            log.close()
 
     def follow(self, rid: str, after: int | None) -> AsyncIterator[str]:
         """GET /v1/responses/{id}?stream=true: the events of a streamed background response
@@ -398,7 +404,7 @@ class ResponseStore:
         self._get(rid)
         self._stop(rid)
         del self._entries[rid]
-        self._logs.pop(rid, None)
+        self._drop_log(rid)
         return {"id": rid, "object": "response", "deleted": True}
 
     def _get(self, rid: str) -> _Stored:
