@@ -578,6 +578,9 @@ def test_spare_slots_take_adapters_later(two_adapters) -> None:
         lora.attach_many(_per_layer(base), dirs, TINY, slots=1)
 
 
+SLOTTED = dict(dtype="float32", max_seq_len=64, max_slots=2, progress=False)  # the loads of the tests below
+
+
 @pytest.fixture(scope="module")
 def served_alone(tiny_ckpt: Path, two_adapters) -> tuple[list[int], dict[str, list[int]]]:
     """A prompt and its greedy tokens on the base model and on each adapter, from load(lora_modules=...)."""
@@ -587,9 +590,6 @@ def served_alone(tiny_ckpt: Path, two_adapters) -> tuple[list[int], dict[str, li
     ref = llama_jax.load(tiny_ckpt, lora_modules={"a": dirs[0], "b": dirs[1]}, **SLOTTED)
     prompt = np.random.default_rng(7).integers(0, 256, 40).tolist()  # long enough for prefix reuse
     return prompt, {m: ref.generate(prompt, max_tokens=6, temperature=0, adapter=m).token_ids for m in (0, "a", "b")}
-
-
-SLOTTED = dict(dtype="float32", max_seq_len=64, max_slots=2, progress=False)
 
 
 def test_adapters_load_and_unload_at_run_time(tiny_ckpt: Path, two_adapters, served_alone) -> None:
