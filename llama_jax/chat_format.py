@@ -117,8 +117,6 @@ def validate_messages(messages: Any) -> list[Message]:
             raise ValueError(f"{where}.role: unknown role {role!r} (expected one of {', '.join(_ROLES)})")
         if role == "ipython":
             role = "tool"
-        if role == "system" and i != 0:
-            raise ValueError(f"{where}.role: a system message must come first")
         calls: tuple[ToolCall, ...] = ()
         if role == "assistant" and m.get("tool_calls"):
             if not isinstance(m["tool_calls"], list):
@@ -603,7 +601,9 @@ class JinjaChatFormat:
 
 
 def _template_message(m: Message, raw: dict) -> dict:
-    out: dict[str, Any] = {"role": raw["role"], "content": _plain(raw.get("content"))}
+    # A message with tool calls and no text gets "" (as vLLM passes it): templates concatenate content.
+    content = raw.get("content")
+    out: dict[str, Any] = {"role": raw["role"], "content": "" if content is None else _plain(content)}
     if m.tool_calls:
         # Templates read arguments as a mapping (`| items`, `| tojson`), so they get parsed ones.
         out["tool_calls"] = [

@@ -183,6 +183,10 @@ DIALOGS = {
         {"role": "user", "content": "  Und dir?  \n"},
     ]),
     "no_system": (None, [{"role": "user", "content": "नमस्ते <|eot_id|> is plain text here"}]),
+    "late_system": (None, [
+        SYSTEM, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+        {"role": "system", "content": "From now on, answer in French."}, {"role": "user", "content": "Bye"},
+    ]),
     "custom_calls": ([WEATHER, TRENDING], [
         SYSTEM, {"role": "user", "content": "Weather in Paris and Zürich, and top songs?"},
         {"role": "assistant", "content": None, "tool_calls": [
@@ -328,6 +332,13 @@ def test_hf_plain_dialog(tok):
     no_system = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
     assert cf.render(dialog[1:2]).startswith("<|begin_of_text|>" + H.format("system") + no_system)
 
+    # A system message later in the dialog (OpenAI and the template take one anywhere) is a turn of its own
+    # (Meta's format: DIALOGS' late_system).
+    late = [*dialog[1:3], {"role": "system", "content": " Now in French. "}, dialog[3]]
+    assert cf.render(late).endswith(H.format("assistant") + "Hello.<|eot_id|>" + H.format("system")
+                                    + "Now in French.<|eot_id|>" + H.format("user") + "Bye<|eot_id|>"
+                                    + H.format("assistant"))
+
 
 def test_hf_tools(tok):
     cf = ChatFormat(tok, style="hf", today=dt.date(2024, 9, 1))
@@ -383,7 +394,6 @@ def test_hf_limits(tok):
     ([{"role": "user", "content": "x"}, {"role": "assistant", "content": None}], None, r"messages\[1\]\.content"),
     ([{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}], None,
      r"messages\[1\]: a tool message must follow an assistant message with tool_calls"),
-    ([{"role": "user", "content": "x"}, SYSTEM], None, r"messages\[1\]\.role: a system message must come first"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}], None, r"messages\[0\]\.content\[0\]"),
     ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}], None,
@@ -470,6 +480,17 @@ def test_smollm2_template_matches_transformers(smol, smol_ref, chat, gen):
     assert text == smol_ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
     ids = smol_ref.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen)
     assert cf.encode_dialog(chat, add_generation_prompt=gen) == (ids if isinstance(ids, list) else ids["input_ids"])
+
+
+def test_tool_call_without_text_renders_in_a_template_that_concatenates_content(smol, smol_ref):
+    # SmolLM2's template writes `'...' + message['content'] + '...'`: a tool-calling assistant
+    # message without text gets "" (as vLLM passes it), not None.
+    chat = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [call("get_weather", {"city": "Oslo"})]},
+            {"role": "tool", "tool_call_id": "c0", "content": "cold"}]
+    expected = smol_ref.apply_chat_template([{**m, "content": m["content"] or ""} for m in chat], tokenize=False,
+                                            add_generation_prompt=True)
+    assert chat_format_for(smol).render(chat) == expected
 
 
 @pytest.mark.parametrize("final", ["The answer is", "The answer is \n", "Grüße 🎉"])
