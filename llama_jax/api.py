@@ -230,15 +230,15 @@ class LLM:
         if len(settings) != len(batch) or len(adapters) != len(batch):
             raise ValueError(f"{len(settings)} sampling settings and {len(adapters)} adapters for "
                              f"{len(batch)} conversations")
+        parsed = tools_to_parse(tools, chat_template_kwargs)
         jobs = []
         for conversation, sp, a in zip(batch, settings, adapters):
             ids = self._dialog_ids(conversation, tools, continue_final_message, chat_template_kwargs)
             self._check_length(ids)
-            jobs.append((ids, _sampling(sp, overrides), self.adapter_index(a)))
-        tools = tools_to_parse(tools, chat_template_kwargs)
+            jobs.append((ids, _for_tool_parser(_sampling(sp, overrides), parsed), self.adapter_index(a)))
         replies = []
         for completion in self._run(jobs):
-            content, calls = parse_tool_calls(completion.text, tools) if tools else (completion.text, [])
+            content, calls = parse_tool_calls(completion.text, parsed) if parsed else (completion.text, [])
             replies.append(ChatResponse(content, calls, "tool_calls" if calls else completion.finish_reason,
                                         completion))
         return replies[0] if single else replies
@@ -265,7 +265,7 @@ class LLM:
         tools = tools_to_parse(tools, chat_template_kwargs)
         parser = StreamingToolParser(tools) if tools else None
         saw_call = False
-        for event in self._stream(ids, sampling):
+        for event in self._stream(ids, _for_tool_parser(sampling, tools)):
             deltas = (parser.feed(event.text) if parser else [{"content": event.text}]) if event.text else []
             if event.finish_reason is not None and parser:
                 deltas += parser.finish()
@@ -400,6 +400,12 @@ class LLM:
 def _sampling(sampling: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
     base = sampling or SamplingParams()
     return base.replace(**overrides) if overrides else base
+
+
+def _for_tool_parser(sampling: SamplingParams, tools: list | None) -> SamplingParams:
+    """`sampling` with special tokens kept in the text when tool calls are parsed from it (the
+    parser reads markers such as <|python_tag|> and drops them from the content)."""
+    return sampling.replace(skip_special_tokens=False) if tools and sampling.skip_special_tokens else sampling
 
 
 def _completion(req: Request, events: list[Event], start: float) -> Completion:

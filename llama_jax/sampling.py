@@ -39,6 +39,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # besides the checkpoint's end-of-turn/text tokens
     ignore_eos: bool = False  # no stop token ends the sequence (stop strings and max_tokens do)
     min_tokens: int = 0  # tokens generated before a stop token may be sampled (vLLM's min_tokens)
+    # Special tokens (other than the stop token) are left out of the output text, as vLLM's
+    # skip_special_tokens; the token ids keep them. Chat with tools keeps them for the tool parser.
+    skip_special_tokens: bool = True
     logprobs: bool = False
     top_logprobs: int = 0
     # Added to the model's logits before penalties and sampling (greedy too), as OpenAI's
@@ -78,6 +81,7 @@ class SamplingParams:
               f"must be an integer in [0, max_tokens={self.max_tokens}]")
         check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0")
         check(self.seed is None or _is_int(self.seed), "seed", "must be an integer or None")
+        check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens", "must be a bool")
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         check(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
               f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")

@@ -311,7 +311,7 @@ class Scheduler:
                 spent += min(chunk, len(req.prompt))
         for req, seed in zip(taken, seeds_for([r.sampling for r in taken], self._rng)):
             self._by_id[req.id] = req
-            self._text[req.id] = (IncrementalDecoder(self.tokenizer),
+            self._text[req.id] = (IncrementalDecoder(self.tokenizer, skip_special=req.sampling.skip_special_tokens),
                                   _StopText(req.sampling.stop, req.sampling.include_stop_str_in_output))
             sp = req.sampling
             req.stop_ids = frozenset() if sp.ignore_eos else self.stop_ids | set(sp.stop_token_ids)

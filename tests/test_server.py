@@ -542,8 +542,11 @@ def test_parallel_tool_calls(scripted: openai.OpenAI, scripted_llm: LLM) -> None
 def test_tool_choice_none_leaves_text(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
     with script(scripted_llm, CALL_TEXT):
         r = scripted.chat.completions.create(model=SCRIPTED, messages=USER, tools=[WEATHER], tool_choice="none")
+        raw = scripted.chat.completions.create(model=SCRIPTED, messages=USER, tools=[WEATHER], tool_choice="none",
+                                               extra_body={"skip_special_tokens": False})
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.tool_calls is None
-    assert r.choices[0].message.content == CALL_TEXT
+    assert r.choices[0].message.content == CALL_TEXT.removeprefix("<|python_tag|>")
+    assert raw.choices[0].message.content == CALL_TEXT
 
 
 def test_tool_choice_rendering() -> None:
@@ -619,6 +622,32 @@ def test_stop_strings(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
         s = accumulate(scripted.chat.completions.create(model=SCRIPTED, messages=USER, stop=["STOP", "ST"],
                                                         stream=True, extra_body=keep))
     assert r.choices[0].message.content == "Hello world. ST" and s["content"] == "Hello world. STOP"
+
+
+def test_skip_special_tokens(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
+    """vLLM's skip_special_tokens (default true): special tokens' text is left out of the output
+    text, not out of the token ids; with tools to parse, the parser still sees <|python_tag|>."""
+    text = "A<|reserved_special_token_7|>B <|python_tag|>C"
+    ids = scripted_llm.tokenizer.encode(text, allow_special=True)
+    with script(scripted_llm, text):
+        default = scripted.completions.create(model=SCRIPTED, prompt="x", extra_body={"return_token_ids": True})
+        kept = scripted.completions.create(model=SCRIPTED, prompt="x", extra_body={"skip_special_tokens": False,
+                                                                                 "spaces_between_special_tokens": True})
+        streamed = "".join(c.choices[0].text for c in scripted.completions.create(model=SCRIPTED, prompt="x",
+                                                                                stream=True) if c.choices)
+        chat = scripted.chat.completions.create(model=SCRIPTED, messages=USER)
+    assert default.choices[0].text == streamed == chat.choices[0].message.content == "AB C"
+    assert default.choices[0].model_extra["token_ids"] == ids and kept.choices[0].text == text
+    with script(scripted_llm, CALL_TEXT):
+        call = scripted.chat.completions.create(model=SCRIPTED, messages=USER, tools=[WEATHER])
+        in_python = scripted_llm.chat(USER, tools=["brave_search", WEATHER])
+        streamed_calls = [c["function"]["name"] for d in scripted_llm.chat_stream(USER, tools=[WEATHER])
+                          for c in d.get("tool_calls", []) if "name" in c["function"]]
+        plain = scripted_llm.generate("x")
+    assert call.choices[0].message.tool_calls[0].function.name == "get_weather"
+    assert call.choices[0].message.content is None
+    assert [c["function"]["name"] for c in in_python.tool_calls] == streamed_calls == ["get_weather"]
+    assert plain.text == CALL_TEXT.removeprefix("<|python_tag|>")
 
 
 def test_return_token_ids(scripted_url: str, scripted_llm: LLM) -> None:

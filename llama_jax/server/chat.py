@@ -150,10 +150,11 @@ async def start_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatJob
                                       chat_template_kwargs=template_kwargs)
     except ValueError as e:
         raise bad_request(str(e), dialog_param(e)) from None
+    parsed = tools if body.tool_choice == "none" else tools_to_parse(tools, template_kwargs)
     samplings = sampling_params(body, len(ids), ctx.max_seq_len, prompt_param="messages",
                                 logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
-                                structured_output=await ctx.constraint(body, tool_call_constraint(body, tools)))
-    parsed = tools if body.tool_choice == "none" else tools_to_parse(tools, template_kwargs)
+                                structured_output=await ctx.constraint(body, tool_call_constraint(body, tools)),
+                                parse_tools=bool(parsed))
     return ChatJob(ids, parsed, ctx.submit([(ids, sp) for sp in samplings], adapter), adapter)
 
 

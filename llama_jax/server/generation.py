@@ -122,9 +122,11 @@ class ServerContext:
 
 def sampling_params(
     body: ChatCompletionRequest | CompletionRequest, prompt_len: int, max_seq_len: int, *, prompt_param: str,
-    logprobs: bool, top_logprobs: int, structured_output: StructuredOutput | None = None,
+    logprobs: bool, top_logprobs: int, structured_output: StructuredOutput | None = None, parse_tools: bool = False,
 ) -> list[SamplingParams]:
-    """One SamplingParams per choice; choice i of a seeded request uses seed + i."""
+    """One SamplingParams per choice; choice i of a seeded request uses seed + i. `parse_tools`:
+    tool calls are parsed from the text, so special tokens stay in it (the parser reads its
+    markers and drops them from the content) whatever skip_special_tokens says."""
     room = max_seq_len - prompt_len
     if room <= 0:
         raise bad_request(
@@ -152,6 +154,7 @@ def sampling_params(
             frequency_penalty=float(body.frequency_penalty or 0.0),
             stop=tuple(body.stop or ()),
             include_stop_str_in_output=body.include_stop_str_in_output,
+            skip_special_tokens=body.skip_special_tokens and not parse_tools,
             ignore_eos=body.ignore_eos,
             min_tokens=body.min_tokens,
             stop_token_ids=tuple(body.stop_token_ids or ()),

@@ -271,6 +271,9 @@ class _SamplingFields(_Input):
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
     include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True  # special tokens' text left out of the output text
+    # vLLM's, for its slow (Python) tokenizers; its fast ones, as ours, add no spaces: accepted, no effect.
+    spaces_between_special_tokens: StrictBool = True
     return_token_ids: StrictBool = False  # vLLM's: the token ids of the prompt and of each choice
     # The prompt tokens' own log-probabilities, with this many alternatives each (not streamed).
     prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
