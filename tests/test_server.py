@@ -650,6 +650,34 @@ def test_skip_special_tokens(scripted: openai.OpenAI, scripted_llm: LLM) -> None
     assert plain.text == CALL_TEXT.removeprefix("<|python_tag|>")
 
 
+def test_truncate_prompt_tokens(scripted_url: str, scripted_llm: LLM) -> None:
+    """vLLM's truncate_prompt_tokens: only the prompt's last k tokens are kept (-1: the context's worth)."""
+    tok = scripted_llm.tokenizer
+
+    def post(path: str, **body: Any) -> httpx.Response:
+        with script(scripted_llm, "ok"):
+            return httpx.post(f"{scripted_url}{path}", json={"model": SCRIPTED, "return_token_ids": True, **body},
+                              timeout=60)
+
+    prompt = "one two three four five six seven"
+    ids = scripted_llm.encode_prompt(prompt)
+    for given in (prompt, ids):
+        done = post("/v1/completions", prompt=given, truncate_prompt_tokens=3, echo=True, max_tokens=1).json()
+        assert done["choices"][0]["prompt_token_ids"] == ids[-3:] and done["usage"]["prompt_tokens"] == 3
+        assert done["choices"][0]["text"] == tok.decode(ids[-3:]) + "ok"
+    dialog = scripted_llm.chat_format.encode_dialog(USER)
+    chat = post("/v1/chat/completions", messages=USER, truncate_prompt_tokens=5).json()
+    assert chat["prompt_token_ids"] == dialog[-5:] and chat["usage"]["prompt_tokens"] == 5
+    assert post("/v1/completions", prompt=ids, truncate_prompt_tokens=len(ids) + 5).json()["usage"]["prompt_tokens"] \
+        == len(ids)
+    # -1 keeps a context's worth, which leaves no room for output here: the usual 400.
+    long = post("/v1/completions", prompt=ids * (scripted_llm.max_seq_len // len(ids) + 1), truncate_prompt_tokens=-1)
+    assert long.status_code == 400 and "context holds" in long.json()["error"]["message"]
+    for bad in (0, scripted_llm.max_seq_len + 1, -2, "3"):
+        r = post("/v1/completions", prompt=prompt, truncate_prompt_tokens=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text
+
+
 def test_return_token_ids(scripted_url: str, scripted_llm: LLM) -> None:
     """vLLM's return_token_ids: the prompt's and each choice's token ids, whole or streamed."""
     tok = scripted_llm.tokenizer

@@ -37,6 +37,7 @@ from .generation import (
     sampling_params,
     sse,
     sse_response,
+    truncate_prompt,
 )
 from .protocol import (
     AssistantMessage,
@@ -150,6 +151,7 @@ async def start_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatJob
                                       chat_template_kwargs=template_kwargs)
     except ValueError as e:
         raise bad_request(str(e), dialog_param(e)) from None
+    ids = truncate_prompt(body, ids, ctx.max_seq_len)
     parsed = tools if body.tool_choice == "none" else tools_to_parse(tools, template_kwargs)
     samplings = sampling_params(body, len(ids), ctx.max_seq_len, prompt_param="messages",
                                 logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,

@@ -25,6 +25,7 @@ from .generation import (
     sampling_params,
     sse,
     sse_response,
+    truncate_prompt,
 )
 from .protocol import (
     Completion,
@@ -130,9 +131,10 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     encoded: list[list[int]] = []
     for p in prompts:
         try:
-            encoded.append(await asyncio.to_thread(ctx.llm.encode_prompt, p))
+            ids = await asyncio.to_thread(ctx.llm.encode_prompt, p)
         except ValueError as e:
             raise bad_request(str(e), "prompt") from None
+        encoded.append(truncate_prompt(body, ids, ctx.max_seq_len))
     want_lp = body.logprobs is not None
     top = body.logprobs or 0
     constraint = await ctx.constraint(body)
@@ -142,7 +144,8 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
         for sp in sampling_params(body, len(ids), ctx.max_seq_len, prompt_param="prompt", logprobs=want_lp,
                                   top_logprobs=top, structured_output=constraint)
     ]
-    echo_texts = [p if isinstance(p, str) else ctx.tokenizer.decode(ids) for p, ids in zip(prompts, encoded)]
+    echo_texts = [p if isinstance(p, str) and body.truncate_prompt_tokens is None else ctx.tokenizer.decode(ids)
+                  for p, ids in zip(prompts, encoded)]
     echo_lps: list[list[TokenLogprob | None]] = [[None] * len(ids) for ids in encoded]
     if body.echo and want_lp:
         for j, ids in enumerate(encoded):

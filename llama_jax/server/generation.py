@@ -120,6 +120,19 @@ class ServerContext:
         return self.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
+def truncate_prompt(body: ChatCompletionRequest | CompletionRequest, ids: list[int], max_seq_len: int) -> list[int]:
+    """The prompt's last `truncate_prompt_tokens` tokens (all of them when that is unset)."""
+    keep = body.truncate_prompt_tokens
+    if keep is None:
+        return ids
+    if keep == -1:
+        keep = max_seq_len
+    elif keep > max_seq_len:
+        raise bad_request(f"truncate_prompt_tokens is {keep}, more than the context holds ({max_seq_len})",
+                          "truncate_prompt_tokens")
+    return ids[-keep:]
+
+
 def sampling_params(
     body: ChatCompletionRequest | CompletionRequest, prompt_len: int, max_seq_len: int, *, prompt_param: str,
     logprobs: bool, top_logprobs: int, structured_output: StructuredOutput | None = None, parse_tools: bool = False,

@@ -272,6 +272,8 @@ class _SamplingFields(_Input):
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True  # special tokens' text left out of the output text
+    # vLLM's: only the prompt's last k tokens are kept (-1: as many as the context holds).
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
     # vLLM's, for its slow (Python) tokenizers; its fast ones, as ours, add no spaces: accepted, no effect.
     spaces_between_special_tokens: StrictBool = True
     return_token_ids: StrictBool = False  # vLLM's: the token ids of the prompt and of each choice
@@ -312,6 +314,13 @@ class _SamplingFields(_Input):
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         if value not in (None, {}, []):
             raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_a_token(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("truncate_prompt_tokens must be -1 or a number of tokens >= 1")
         return value
 
     @field_validator("stream_options")
