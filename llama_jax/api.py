@@ -75,13 +75,16 @@ class LLM:
         cache_dtype: Any = None,
         feature_major_decode: bool | None = None,
         adapter_names: Sequence[str | None] = (),
+        max_cpu_loras: int | None = None,
         speculation: NgramSpeculation | None = None,
         chat_template: str | None = None,
     ):
         """`adapter_names`: the names (e.g. served model ids) of the LoRA adapters `params` holds
         (lora.attach_many), slot by slot; None for an empty slot (`load_adapter` fills it).
-        `speculation`: speculative decoding by prompt lookup (speculative.py), and
-        `chat_template`, as `load`'s."""
+        `max_cpu_loras`: how many adapters may be served in all (default: one per slot); those
+        beyond the slots wait in host memory and take the least recently used free slot when a
+        request needs them. `speculation`: speculative decoding by prompt lookup
+        (speculative.py), and `chat_template`, as `load`'s."""
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -95,13 +98,31 @@ class LLM:
             attention_impl=attention_impl, shardings=shardings, cache_dtype=cache_dtype,
             feature_major_decode=feature_major_decode, speculation=speculation,
         )
-        if len(adapter_names) != self.engine.adapters:
-            raise ValueError(f"{len(adapter_names)} adapter names for {self.engine.adapters} adapter slots")
-        self._slot_names: list[str | None] = list(adapter_names)
+        slots = self.engine.adapters
+        if len(adapter_names) != slots:
+            raise ValueError(f"{len(adapter_names)} adapter names for {slots} adapter slots")
+        named = [n for n in adapter_names if n is not None]
+        if len(set(named)) != len(named):
+            raise ValueError(f"adapter names repeat: {named}")
+        self.max_cpu_loras = slots if max_cpu_loras is None else max_cpu_loras
+        if self.max_cpu_loras < slots:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least the adapter slots ({slots})")
+        # The adapters served, by name (weights on the host), and the one each slot holds: a slot
+        # whose adapter was unloaded or replaced holds a stale one until it is written again.
+        self._adapters: dict[str, _Adapter] = {}
+        self._slots: list[_Adapter | None] = [None] * slots
+        self._slot_used = [0] * slots  # when each slot last took a request (least recently used goes first)
+        self._clock = 0
+        for k, name in enumerate(adapter_names, 1):
+            if name is not None:  # its weights are read back from the slot if another adapter needs it
+                self._adapters[name] = self._slots[k - 1] = _Adapter(name, None, None)
         # Held while adapter names are resolved and requests queued (the server), and while an
-        # adapter is loaded or unloaded: a slot is never refilled under a request still naming it.
+        # adapter is loaded, unloaded or written into a slot: a slot is never refilled under a
+        # request queued or running on it.
         self.adapter_lock = threading.Lock()
         self.scheduler = Scheduler(self.engine, tokenizer) if tokenizer is not None else None
+        if self.scheduler is not None and slots:
+            self.scheduler.place_adapter = self._place_request
         self._chat_format = None
         if chat_template is not None:  # compiled now: a template that does not compile fails here
             from .chat_format import chat_format_for, read_chat_template
@@ -197,7 +218,7 @@ class LLM:
         ids = [self.encode_prompt(p) for p in batch]
         for i in ids:
             self._check_length(i)
-        results = self._run(list(zip(ids, settings, map(self.adapter_index, adapters))))
+        results = self._run(list(zip(ids, settings, map(self.resolve_adapter, adapters))))
         return results[0] if single else results
 
     def generate_stream(self, prompt: Prompt, sampling: SamplingParams | None = None, **overrides: Any) -> Iterator[Event]:
@@ -235,7 +256,7 @@ class LLM:
         for conversation, sp, a in zip(batch, settings, adapters):
             ids = self._dialog_ids(conversation, tools, continue_final_message, chat_template_kwargs)
             self._check_length(ids)
-            jobs.append((ids, _for_tool_parser(_sampling(sp, overrides), parsed), self.adapter_index(a)))
+            jobs.append((ids, _for_tool_parser(_sampling(sp, overrides), parsed), self.resolve_adapter(a)))
         replies = []
         for completion in self._run(jobs):
             content, calls = parse_tool_calls(completion.text, parsed) if parsed else (completion.text, [])
@@ -297,79 +318,136 @@ class LLM:
     # ---- LoRA adapters ----
     @property
     def adapter_names(self) -> tuple[str, ...]:
-        """The names of the LoRA adapters loaded, in slot order."""
-        return tuple(n for n in self._slot_names if n is not None)
+        """The names of the LoRA adapters served (in a slot or waiting on the host), in load order."""
+        return tuple(self._adapters)
+
+    def _current(self, k: int) -> bool:
+        """Whether slot k (1-based) holds the adapter served under its name (not a stale one)."""
+        held = self._slots[k - 1]
+        return held is not None and self._adapters.get(held.name) is held
+
+    def resolve_adapter(self, adapter: str | int) -> tuple[int, _Adapter | None]:
+        """(slot, None) for the base model (0) or an adapter in a slot, given by name or 1-based
+        slot; (0, adapter) for one that waits on the host for a slot (the scheduler gives it one
+        before its request runs). Raises ValueError for an adapter not served."""
+        if isinstance(adapter, str):
+            entry = self._adapters.get(adapter)
+            if entry is None:
+                raise ValueError(f"no adapter {adapter!r}; loaded: {list(self.adapter_names)}")
+            if entry not in self._slots:
+                return 0, entry
+            adapter = self._slots.index(entry) + 1
+        elif adapter != 0 and not (0 < adapter <= len(self._slots) and self._current(adapter)):
+            raise ValueError(f"no adapter in slot {adapter}; in slots: "
+                             f"{ {e.name: k for k, e in enumerate(self._slots, 1) if self._current(k)} }")
+        if adapter:
+            self._touch(adapter)
+        return adapter, None
+
+    def _touch(self, slot: int) -> None:
+        """Mark the slot used now (a slot to write another adapter into is the least recently used)."""
+        self._clock += 1
+        self._slot_used[slot - 1] = self._clock
 
     def adapter_index(self, adapter: str | int) -> int:
-        """The engine's index of a loaded LoRA adapter, given by name or by its 1-based slot (0: none)."""
-        if isinstance(adapter, str):
-            if adapter not in self._slot_names:
-                raise ValueError(f"no adapter {adapter!r}; loaded: {list(self.adapter_names)}")
-            return self._slot_names.index(adapter) + 1
-        if adapter != 0 and not (0 < adapter <= len(self._slot_names) and self._slot_names[adapter - 1] is not None):
-            raise ValueError(f"no adapter in slot {adapter}; loaded: "
-                             f"{ {n: k for k, n in enumerate(self._slot_names, 1) if n is not None} }")
-        return adapter
+        """The slot (1-based; 0: the base model) of an adapter given by name or slot, written
+        into one first if it waits on the host; call it between engine steps."""
+        slot, entry = self.resolve_adapter(adapter)
+        if entry is not None:
+            with self.adapter_lock:
+                slot = self._place(entry)
+            if slot is None:
+                raise ValueError(f"no adapter slot is free for {adapter!r}: all {len(self._slots)} run requests")
+        return slot
 
-    def load_adapter(self, name: str, directory: str | os.PathLike, *, replace: bool = False) -> int:
-        """Read a LoRA adapter directory (scripts/finetune.py --out) and serve it as `name`, in a
-        free adapter slot (`load(max_loras=N)` makes them) or, with `replace`, in place of the
-        adapter of that name. Returns its slot. Nothing recompiles."""
+    def _place_request(self, request: Request) -> bool:
+        """The scheduler's hook: give a queued request's adapter a slot (False: none is free now)."""
+        with self.adapter_lock:
+            slot = self._place(request.lora)
+            if slot is not None:
+                request.adapter, request.lora = slot, None
+        return slot is not None
+
+    def _place(self, entry: _Adapter, evict: bool = True) -> int | None:
+        """The slot holding `entry`, written into an empty slot, else (with `evict`) over the least
+        recently used adapter, of slots no request is queued or running on; None if every slot
+        is in use. Holds the adapter lock; runs between engine steps."""
+        if entry in self._slots:
+            slot = self._slots.index(entry) + 1
+        else:
+            busy = self.scheduler.adapters_in_use() if self.scheduler is not None else set()
+            idle = [k for k in range(1, len(self._slots) + 1) if k not in busy]
+            free = [k for k in idle if not self._current(k)]
+            if not free and not (evict and idle):
+                return None
+            slot = free[0] if free else min(idle, key=lambda k: self._slot_used[k - 1])
+            self._write(slot, entry)
+        self._touch(slot)
+        return slot
+
+    def _write(self, slot: int, entry: _Adapter) -> None:
+        old = self._slots[slot - 1]
+        if old is not None and old.weights is None:  # its only copy is the slot's: kept for a later request
+            old.weights, old.config = lora.take(self.engine.params, slot)
+        self.engine.set_params(lora.put(self.engine.params, slot, entry.weights, entry.config))
+        self.params = self.engine.params
+        self.engine.forget_prefixes(slot)  # cached keys and values of the slot's former weights
+        self._slots[slot - 1] = entry
+
+    def load_adapter(self, name: str, directory: str | os.PathLike, *, replace: bool = False) -> int | None:
+        """Read a LoRA adapter directory (scripts/finetune.py --out) and serve it as `name` or,
+        with `replace`, in place of the adapter of that name. It goes into a free adapter slot
+        (`load(max_loras=N)` makes them) or, when none is free, waits on the host for one
+        (`max_cpu_loras`). Returns its slot (None: waiting). Nothing recompiles."""
         return self.install_adapter(name, *self.read_adapter(directory), replace=replace)
 
     def read_adapter(self, directory: str | os.PathLike) -> tuple[lora.Adapters, lora.LoraConfig]:
-        """A LoRA adapter directory read for this model, on the devices adapters are kept on."""
-        sharding = self.engine.shardings.replicated if self.engine.shardings is not None else None
-        return lora.load(directory, self.config, sharding=sharding)
+        """A LoRA adapter directory read for this model, into host memory."""
+        adapters, config = lora.load(directory, self.config)
+        return jax.device_get(adapters), config
 
     def install_adapter(self, name: str, adapters: lora.Adapters, config: lora.LoraConfig, *,
-                        replace: bool = False) -> int:
-        """`load_adapter` of adapters already read (lora.load); run it between engine steps."""
+                        replace: bool = False) -> int | None:
+        """`load_adapter` of adapters already read (lora.load); run it between engine steps.
+        A replaced adapter's slot takes the new weights at once, under requests running on it."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"an adapter's name must be a non-empty string, got {name!r}")
         if not self.engine.adapters:
             raise ValueError("this model holds no adapter slots: load it with max_loras=N (or lora_modules)")
         if jax.process_count() > 1:
             raise ValueError("adapters cannot change while the model runs on several processes")
+        lora.check_fits(self.engine.params, adapters, config)
         with self.adapter_lock:
-            if name in self._slot_names:
-                if not replace:
-                    raise ValueError(f"an adapter named {name!r} is loaded already (unload it first, or replace it)")
-                slot = self._slot_names.index(name) + 1
-            else:
-                busy = self.scheduler.adapters_in_use() if self.scheduler is not None else set()
-                free = [k for k, n in enumerate(self._slot_names, 1) if n is None and k not in busy]
-                if not free:
-                    waiting = [k for k, n in enumerate(self._slot_names, 1) if n is None]
-                    raise ValueError(f"all {len(self._slot_names)} adapter slots are taken"
-                                     + (f" ({len(waiting)} freed, still running requests)" if waiting else "")
-                                     + ": unload an adapter first, or load the model with more (max_loras)")
-                slot = free[0]
-            self.engine.set_params(lora.put(self.engine.params, slot, adapters, config))
-            self.params = self.engine.params
-            self.engine.forget_prefixes(slot)  # cached keys and values of the slot's former weights
-            self._slot_names[slot - 1] = name
-        return slot
+            old = self._adapters.get(name)
+            if old is not None and not replace:
+                raise ValueError(f"an adapter named {name!r} is loaded already (unload it first, or replace it)")
+            if old is None and len(self._adapters) >= self.max_cpu_loras:
+                raise ValueError(f"{len(self._adapters)} adapters are loaded, as many as this model serves "
+                                 f"(max_cpu_loras): unload one first, or load the model with more")
+            entry = _Adapter(name, jax.device_get(adapters), config)
+            self._adapters[name] = entry
+            if old in self._slots:
+                slot = self._slots.index(old) + 1
+                self._write(slot, entry)
+                return slot
+            return self._place(entry, evict=False)
 
-    def unload_adapter(self, name: str) -> int:
-        """Stop serving the adapter `name`; returns its slot, which takes another adapter once the
-        requests already running on it have finished."""
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving the adapter `name`; its slot takes another adapter once the requests
+        already queued or running on it have finished."""
         with self.adapter_lock:
-            if name not in self._slot_names:
+            if self._adapters.pop(name, None) is None:
                 raise ValueError(f"no adapter {name!r}; loaded: {list(self.adapter_names)}")
-            slot = self._slot_names.index(name) + 1
-            self._slot_names[slot - 1] = None
-        return slot
 
     # ---- driving the scheduler ----
-    def _run(self, jobs: list[tuple[list[int], SamplingParams, int]]) -> list[Completion]:
+    def _run(self, jobs: list[tuple[list[int], SamplingParams, tuple[int, _Adapter | None]]]) -> list[Completion]:
         sched = self.scheduler
         if sched is None:
             raise ValueError("this checkpoint has no tokenizer: it cannot detokenize")
         start = time.perf_counter()
         reqs: list[Request] = []
         try:
-            reqs += [sched.add(Request(ids, sp, adapter=adapter)) for ids, sp, adapter in jobs]
+            reqs += [sched.add(Request(ids, sp, adapter=slot, lora=entry)) for ids, sp, (slot, entry) in jobs]
             parts: dict[str, list[Event]] = {r.id: [] for r in reqs}
             while any(not r.done for r in reqs):
                 for e in sched.step():
@@ -395,6 +473,16 @@ class LLM:
             if not req.done:  # the consumer stopped early: free the slot
                 sched.cancel(req)
                 sched.step()
+
+
+@dataclasses.dataclass(eq=False)  # compared by identity: a replaced adapter is another one
+class _Adapter:
+    """A LoRA adapter the model serves: its weights on the host, written into a slot when needed
+    (None while its slot holds the only copy: one given to the model loaded)."""
+
+    name: str
+    weights: lora.Adapters | None
+    config: lora.LoraConfig | None
 
 
 def _sampling(sampling: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
@@ -452,6 +540,7 @@ def load(
     lora_modules: dict[str, str | os.PathLike] | None = None,
     max_loras: int | None = None,
     max_lora_rank: int | None = None,
+    max_cpu_loras: int | None = None,
     quantize: str | None = None,
     quantize_lm_head: bool = False,
     cache_dtype: str | None = None,
@@ -471,9 +560,12 @@ def load(
     applied on the fly with `merge_adapters=False`.
     `lora_modules`: {name: adapter directory}: all held at once over the base weights, each
     request picking one (`Request.adapter`, the server's `model` field) or none, in one batch.
-    `max_loras`: adapter slots (at least as many as `lora_modules`); the empty ones take adapters
-    later (`LLM.load_adapter`), on any target, up to rank `max_lora_rank` (default: 16, or the
-    largest of `lora_modules`), each slot costing that rank's A and B for every layer weight.
+    `max_loras`: adapter slots; the empty ones take adapters later (`LLM.load_adapter`), on any
+    target, up to rank `max_lora_rank` (default: 16, or the largest of `lora_modules`), each slot
+    costing that rank's A and B for every layer weight. `max_cpu_loras`: how many adapters may be
+    served in all (default: the slots, or the `lora_modules` if more): those beyond the slots wait
+    in host memory, and a request for one writes it over the least recently used adapter of a
+    slot no request is using (vLLM's max_cpu_loras; one process only).
     `quantize`: "int8" or "fp8" quantizes the layer weights while loading, one layer at a time
     (llama_jax/quantization.py); a checkpoint stored quantized loads quantized without it.
     `quantize_lm_head`: also quantize an untied LM head (with `quantize`'s mode, else the stored
@@ -546,20 +638,35 @@ def load(
     rep = shardings.replicated if shardings is not None else None
     if adapters is not None:
         params = lora.attach(params, adapters, config, merge_adapters=merge_adapters, sharding=rep)
-    if lora_modules or max_loras:
+    modules = dict(lora_modules or {})
+    slots = max_loras or len(modules)
+    max_cpu_loras = max(slots, len(modules)) if max_cpu_loras is None else max_cpu_loras
+    if max_cpu_loras and not slots:
+        raise ValueError("max_cpu_loras needs adapter slots (max_loras or lora_modules)")
+    if len(modules) > max_cpu_loras:
+        raise ValueError(f"{len(modules)} lora_modules, more than max_cpu_loras={max_cpu_loras}")
+    if max_cpu_loras > slots and jax.process_count() > 1:
+        raise ValueError("adapters beyond the slots (max_cpu_loras) need one process: every slot change "
+                         "would have to happen in all processes at once")
+    if slots:
         if max_lora_rank is None and max_loras:
-            ranks = [lora.read_config(d)[0].rank for d in (lora_modules or {}).values()]
+            ranks = [lora.read_config(d)[0].rank for d in modules.values()]
             max_lora_rank = max([16, *ranks])
-        params = lora.attach_many(params, list((lora_modules or {}).values()), config, sharding=rep,
-                                  slots=max_loras, max_rank=max_lora_rank)
+        # More modules than slots: all of them are loaded below, into empty slots holding every target.
+        given = list(modules.values()) if len(modules) <= slots else []
+        params = lora.attach_many(params, given, config, sharding=rep, slots=max_loras, max_rank=max_lora_rank)
     if shardings is not None:  # the tree as restored: quantized and LoRA weights are pytrees of arrays
         shardings = copy.copy(shardings)
         shardings.params = jax.tree.map(lambda a: a.sharding, params)
     tokenizer = load_tokenizer(ckpt)
-    return LLM(
+    names = list(modules) if len(modules) <= slots else []
+    llm = LLM(
         config, params, tokenizer, max_slots=max_slots, max_seq_len=max_seq_len, decode_steps=decode_steps,
         attention_impl=attention_impl, shardings=shardings, path=Path(ckpt), cache_dtype=cache_dtype,
         feature_major_decode=feature_major_decode, speculation=speculation,
-        adapter_names=(*(lora_modules or ()), *[None] * ((max_loras or 0) - len(lora_modules or ()))),
+        adapter_names=(*names, *[None] * (slots - len(names))), max_cpu_loras=max_cpu_loras,
         chat_template=chat_template,
     )
+    for name, directory in modules.items() if not names else ():  # the first fill the slots, the others wait
+        llm.load_adapter(name, directory)
+    return llm

@@ -387,6 +387,17 @@ def slot_layout(params: Params) -> tuple[int, int, tuple[str, ...]]:
     return w.scale.shape[0] - 1, w.a.shape[-1], tuple(held)
 
 
+def check_fits(params: Params, adapters: Adapters, lora: LoraConfig) -> None:
+    """Raise AdapterError unless the slots of `attach_many` can hold `adapters` (rank, targets)."""
+    _, rank, held = slot_layout(params)
+    if lora.rank > rank:
+        raise AdapterError(f"the adapter's rank {lora.rank} is above the {rank} its slot holds (the max LoRA rank)")
+    missing = sorted(set(adapters) - set(held))
+    if missing:
+        raise AdapterError(f"the adapter targets {missing}, which the adapter slots do not hold "
+                           "(spare slots hold every target)")
+
+
 def put(params: Params, slot: int, adapters: Adapters, lora: LoraConfig) -> Params:
     """`params` of `attach_many` with adapter slot `slot` (1-based) now holding `adapters`
     (zero-padded to the slots' rank; the targets it lacks zeros). The arrays keep their shapes
@@ -394,12 +405,7 @@ def put(params: Params, slot: int, adapters: Adapters, lora: LoraConfig) -> Para
     slots, rank, held = slot_layout(params)
     if not 1 <= slot <= slots:
         raise AdapterError(f"adapter slot {slot} is outside [1, {slots}]")
-    if lora.rank > rank:
-        raise AdapterError(f"the adapter's rank {lora.rank} is above the {rank} its slot holds (the max LoRA rank)")
-    missing = sorted(set(adapters) - set(held))
-    if missing:
-        raise AdapterError(f"the adapter targets {missing}, which the adapter slots do not hold "
-                           "(spare slots hold every target)")
+    check_fits(params, adapters, lora)
     first = params["layers"][0][held[0]]
     scale = jax.device_put(first.scale.at[slot].set(lora.scale), first.scale.sharding)
 
@@ -419,6 +425,20 @@ def put(params: Params, slot: int, adapters: Adapters, lora: LoraConfig) -> Para
                                             scale=scale) for n in held}}
         for i, layer in enumerate(params["layers"])
     )}
+
+
+def take(params: Params, slot: int) -> tuple[Adapters, LoraConfig]:
+    """The adapter slot `slot` of `attach_many` holds, on the host, at the slots' rank (`put`
+    writes it back unchanged)."""
+    slots, rank, held = slot_layout(params)
+    if not 1 <= slot <= slots:
+        raise AdapterError(f"adapter slot {slot} is outside [1, {slots}]")
+    layers = params["layers"]
+    adapters = {n: {k: np.stack([np.asarray(getattr(layer[n], k)[slot]) for layer in layers]) for k in "ab"}
+                for n in held}
+    scale = float(layers[0][held[0]].scale[slot])
+    targets = tuple(t for t, (w, _) in TARGETS.items() if w in held)
+    return adapters, LoraConfig(rank=rank, alpha=scale * rank, targets=targets)
 
 
 def adapter_count(params: Params) -> int:

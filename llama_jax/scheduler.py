@@ -17,7 +17,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -71,7 +71,10 @@ class Request:
     sampling: SamplingParams
     on_event: Callable[[Event], None] | None = None
     id: str = ""
-    adapter: int = 0  # the LoRA adapter to run (lora.attach_many; 0: the base model)
+    adapter: int = 0  # the LoRA adapter slot to run (lora.attach_many; 0: the base model)
+    # An adapter in no slot yet (LLM.resolve_adapter): `Scheduler.place_adapter` writes it into
+    # one (and sets `adapter`) before the request is admitted.
+    lora: Any = None
     # Scheduler-side state.
     slot: int | None = None
     output: list[int] = dataclasses.field(default_factory=list)
@@ -158,6 +161,9 @@ class Scheduler:
         self._text: dict[str, tuple[IncrementalDecoder, _StopText]] = {}
         self.stop_ids = frozenset(tokenizer.stop_ids)
         self._grammars: GrammarCompiler | None = None
+        # Gives a queued request's `lora` adapter a slot, between steps (LLM._place_request);
+        # False when every slot is in use, and the request waits while others go ahead.
+        self.place_adapter: Callable[[Request], bool] | None = None
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -176,6 +182,8 @@ class Scheduler:
             raise ValueError(f"the prompt has {n} tokens; the context holds {limit} (prompt + output)")
         if not 0 <= request.adapter <= self.engine.adapters:
             raise ValueError(f"adapter {request.adapter} is outside [0, {self.engine.adapters}] (the adapters loaded)")
+        if request.lora is not None and self.place_adapter is None:
+            raise ValueError("the request's adapter waits for a slot, and nothing gives it one (place_adapter)")
         vocab = self.engine.config.vocab_size
         check_token_ids(request.prompt, vocab)
         outside = [t for t, _ in request.sampling.logit_bias if t >= vocab]
@@ -236,6 +244,7 @@ class Scheduler:
         # prefilled together instead of waiting out a decode dispatch; but never two steps in a
         # row, so running streams keep moving under steady arrivals. A step that prefilled a
         # chunk of a long prompt always decodes: the streams have waited a chunk already.
+        self._place_adapters()
         admitted: list[Event] = []
         started_short = self._prefill(admitted)
         skip = started_short and not self._skipped_decode
@@ -293,6 +302,17 @@ class Scheduler:
             if req.cancelled:
                 self._finish(req, "cancelled", events, [], "", None)
 
+    def _place_adapters(self) -> None:
+        """Slots for the adapters of queued requests that wait for one, in queue order, while
+        there are slots no request is queued or running on."""
+        if self.place_adapter is None:
+            return
+        with self._lock:
+            pending = [r for r in self.waiting if r.lora is not None and not r.cancelled]
+        for req in pending:
+            if not self.place_adapter(req):
+                return
+
     def _prefill(self, events: list[Event]) -> bool:
         """One prefill call: the next chunk of each partly prefilled prompt, then waiting requests
         into free slots while the budget lasts. Requests whose prompt is complete start running;
@@ -305,10 +325,15 @@ class Scheduler:
         free = self.engine.free_slots()
         taken: list[Request] = []
         with self._lock:
+            unplaced: list[Request] = []  # their adapter waits for a slot: they keep their place
             while self.waiting and len(taken) < len(free) and (spent < self.prefill_budget or not (work or taken)):
                 req = self.waiting.popleft()
+                if req.lora is not None:
+                    unplaced.append(req)
+                    continue
                 taken.append(req)
                 spent += min(chunk, len(req.prompt))
+            self.waiting.extendleft(reversed(unplaced))
         for req, seed in zip(taken, seeds_for([r.sampling for r in taken], self._rng)):
             self._by_id[req.id] = req
             self._text[req.id] = (IncrementalDecoder(self.tokenizer, skip_special=req.sampling.skip_special_tokens),

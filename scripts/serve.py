@@ -118,6 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-loras", type=int,
                    help="LoRA adapter slots, for --lora-modules and adapters loaded at run time (default with "
                         "--enable-lora: 1, or the number of --lora-modules); each holds every target's A and B")
+    p.add_argument("--max-cpu-loras", type=int,
+                   help="LoRA adapters served in all (default: --max-loras, or the --lora-modules if more); "
+                        "those beyond the slots wait in host memory and take the least recently used idle slot "
+                        "when a request names them")
     p.add_argument("--max-lora-rank", type=int,
                    help="the largest rank of an adapter loaded at run time (default 16, or the largest "
                         "--lora-modules rank)")
@@ -165,13 +169,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.lora_modules = modules
     if os.environ.get(RUNTIME_LORA_ENV, "").lower() in ("1", "true"):
         args.allow_runtime_lora_updating = True
-    for name in ("max_loras", "max_lora_rank"):
+    for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_loras is None and (args.enable_lora or args.allow_runtime_lora_updating):
         args.max_loras = max(1, len(modules))
-    if args.max_loras is not None and args.max_loras < len(modules):
-        p.error(f"--max-loras {args.max_loras} is fewer than the {len(modules)} --lora-modules")
+    if args.max_cpu_loras is not None:
+        if args.max_loras is None:
+            p.error("--max-cpu-loras needs --max-loras (the adapter slots)")
+        if args.max_cpu_loras < max(args.max_loras, len(modules)):
+            p.error(f"--max-cpu-loras {args.max_cpu_loras} is fewer than --max-loras or the --lora-modules")
     if not args.api_key and os.environ.get(API_KEY_ENV):
         args.api_key = [os.environ[API_KEY_ENV]]
     if any(not key.strip() for key in args.api_key):
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             args.ckpt, dtype=args.dtype, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
             decode_steps=args.decode_steps, attention_impl=args.attention, mesh=args.mesh,
             adapters=args.adapters, merge_adapters=args.merge_adapters, lora_modules=args.lora_modules or None,
-            max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+            max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
             speculation=args.speculative_config, chat_template=args.chat_template, **load_arguments(args),
         )
     except (ValueError, OSError) as e:  # bad path, config, checkpoint or mesh: say which, no traceback

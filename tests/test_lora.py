@@ -6,6 +6,7 @@ slow ones train the demo model (SmolLM2-135M-Instruct) on a made-up fact.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import importlib.util
 import json
@@ -611,7 +612,7 @@ def test_adapters_load_and_unload_at_run_time(tiny_ckpt: Path, two_adapters, ser
     assert llm.generate(prompt, adapter="a", **greedy).token_ids == want["a"]
     assert llm.generate(prompt, adapter="a", **greedy).cached_tokens > 0  # the prefix is reused ...
     programs = (llm.engine._prefill._cache_size(), llm.engine._decode._cache_size())
-    with pytest.raises(ValueError, match="all 1 adapter slots are taken"):
+    with pytest.raises(ValueError, match="1 adapters are loaded, as many as this model serves"):
         llm.load_adapter("b", dirs[1])
     with pytest.raises(ValueError, match="loaded already"):
         llm.load_adapter("a", dirs[1])
@@ -621,15 +622,74 @@ def test_adapters_load_and_unload_at_run_time(tiny_ckpt: Path, two_adapters, ser
     assert (llm.engine._prefill._cache_size(), llm.engine._decode._cache_size()) == programs
 
     running = llm.scheduler.add(Request(prompt, SamplingParams.greedy(max_tokens=4), adapter=1))
-    assert llm.unload_adapter("a") == 1 and llm.adapter_names == ()
-    with pytest.raises(ValueError, match="1 freed, still running requests"):
-        llm.load_adapter("b", dirs[1])
+    llm.unload_adapter("a")
+    assert llm.adapter_names == ()
+    assert llm.load_adapter("b", dirs[1]) is None  # its slot still has a request on "a": "b" waits on the host
+    assert llm.resolve_adapter("b")[0] == 0
     while not running.done:
         llm.scheduler.step()
-    assert llm.load_adapter("b", dirs[1]) == 1
-    assert llm.generate(prompt, adapter="b", **greedy).token_ids == want["b"]
+    assert llm.generate(prompt, adapter="b", **greedy).token_ids == want["b"]  # written into the slot now
+    assert llm.resolve_adapter("b") == (1, None)
     with pytest.raises(ValueError, match="no adapter slots"):
         llama_jax.load(tiny_ckpt, **SLOTTED).load_adapter("a", dirs[0])
+
+
+def test_more_adapters_than_slots(tiny_ckpt: Path, two_adapters, served_alone) -> None:
+    """max_cpu_loras: adapters beyond the slots wait on the host; a request for one writes it
+    over the least recently used adapter of an idle slot (nothing recompiles, no prefix cached
+    by the slot's former adapter is reused), and a batch naming more adapters than there are
+    slots runs in turns; each answer is the one load(lora_modules=...) with a slot each gives."""
+    from fastapi.testclient import TestClient
+
+    import llama_jax
+    from llama_jax.server import create_app
+
+    _, dirs, _ = two_adapters
+    prompt, want = served_alone
+    greedy = dict(max_tokens=6, temperature=0)
+    llm = llama_jax.load(tiny_ckpt, lora_modules={"a": dirs[0], "b": dirs[1]}, max_loras=1, max_lora_rank=4,
+                         **SLOTTED)
+    assert llm.adapter_names == ("a", "b") and llm.resolve_adapter("a") == (1, None)
+    assert llm.resolve_adapter("b")[0] == 0  # waits on the host
+    for name in ("a", "b", "a"):
+        assert llm.generate(prompt, adapter=name, **greedy).token_ids == want[name], name
+    assert llm.generate(prompt, adapter="a", **greedy).cached_tokens > 0  # compiles the shorter prefill too
+    programs = (llm.engine._prefill._cache_size(), llm.engine._decode._cache_size())
+    swapped = llm.generate(prompt, adapter="b", **greedy)
+    assert swapped.token_ids == want["b"] and swapped.cached_tokens == 0  # the slot's cache was "a"'s
+    assert llm.generate(prompt, adapter="b", **greedy).cached_tokens > 0
+    assert (llm.engine._prefill._cache_size(), llm.engine._decode._cache_size()) == programs
+    batch = llm.generate([prompt] * 4, adapter=["a", 0, "b", "a"], **greedy)
+    assert [c.token_ids for c in batch] == [want["a"], want[0], want["b"], want["a"]]
+
+    # Two slots, three adapters: the least recently used idle one gives way.
+    three = llama_jax.load(tiny_ckpt, lora_modules={"a": dirs[0], "b": dirs[1], "c": dirs[0]}, max_loras=2,
+                           max_lora_rank=4, **SLOTTED)
+    three.generate(prompt, adapter="b", max_tokens=1)
+    three.generate(prompt, adapter="a", max_tokens=1)
+    assert three.generate(prompt, adapter="c", **greedy).token_ids == want["a"]
+    assert [three.resolve_adapter(n)[0] for n in "abc"] == [1, 0, 2]
+    with pytest.raises(ValueError, match="3 adapters are loaded"):
+        three.load_adapter("d", dirs[1])
+    # An adapter given at load time lives only in its slot: when evicted, its weights are read back.
+    given = llama_jax.load(tiny_ckpt, lora_modules={"a": dirs[0]}, max_loras=1, max_cpu_loras=2, max_lora_rank=4,
+                           **SLOTTED)
+    assert given.load_adapter("b", dirs[1]) is None
+    for name in ("b", "a", "b"):
+        assert given.generate(prompt, adapter=name, **greedy).token_ids == want[name], name
+    with pytest.raises(ValueError, match="more than max_cpu_loras=1"):
+        llama_jax.load(tiny_ckpt, lora_modules={"a": dirs[0], "b": dirs[1]}, max_loras=1, max_cpu_loras=1, **SLOTTED)
+
+    # Served: requests for both adapters at once, on one slot.
+    body = dict(prompt=[prompt], return_token_ids=True, **greedy)
+    with TestClient(create_app(llm, model_name="base")) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["base", "a", "b"]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            names = ["a", "b", "base", "b", "a", "b"]
+            replies = list(pool.map(lambda m: c.post("/v1/completions", json=dict(body, model=m)), names))
+        for name, r in zip(names, replies):
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["token_ids"] == want[0 if name == "base" else name], name
 
 
 def test_runtime_lora_updating_over_http(tiny_ckpt: Path, two_adapters, served_alone) -> None:
@@ -715,10 +775,15 @@ def test_serve_script_lora_slot_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert serve.parse_args(["--enable-lora"]).max_loras == 1
     assert serve.parse_args(["--enable-lora", "--lora-modules", "a=x", "b=y"]).max_loras == 2
     assert serve.parse_args(["--max-loras", "4", "--max-lora-rank", "64"]).max_lora_rank == 64
+    assert serve.parse_args(["--max-loras", "1", "--lora-modules", "a=x", "b=y"]).max_cpu_loras is None  # 2 then
+    assert serve.parse_args(["--max-loras", "2", "--max-cpu-loras", "8"]).max_cpu_loras == 8
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--max-cpu-loras", "4"])  # no slots to swap adapters into
     monkeypatch.setenv(serve.RUNTIME_LORA_ENV, "True")
     runtime = serve.parse_args([])
     assert runtime.allow_runtime_lora_updating and runtime.max_loras == 1
-    for bad in (["--max-loras", "0"], ["--max-lora-rank", "0"], ["--max-loras", "1", "--lora-modules", "a=x", "b=y"]):
+    for bad in (["--max-loras", "0"], ["--max-lora-rank", "0"], ["--max-loras", "2", "--max-cpu-loras", "1"],
+                ["--max-loras", "1", "--max-cpu-loras", "2", "--lora-modules", "a=x", "b=y", "c=z"]):
         with pytest.raises(SystemExit):
             serve.parse_args(bad)
 

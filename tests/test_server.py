@@ -661,8 +661,8 @@ def test_truncate_prompt_tokens(scripted_url: str, scripted_llm: LLM) -> None:
 
     prompt = "one two three four five six seven"
     ids = scripted_llm.encode_prompt(prompt)
-    for given in (prompt, ids):
-        done = post("/v1/completions", prompt=given, truncate_prompt_tokens=3, echo=True, max_tokens=1).json()
+    for sent in (prompt, ids):
+        done = post("/v1/completions", prompt=sent, truncate_prompt_tokens=3, echo=True, max_tokens=1).json()
         assert done["choices"][0]["prompt_token_ids"] == ids[-3:] and done["usage"]["prompt_tokens"] == 3
         assert done["choices"][0]["text"] == tok.decode(ids[-3:]) + "ok"
     dialog = scripted_llm.chat_format.encode_dialog(USER)

@@ -50,8 +50,10 @@ def _prompt_logp(llm: Any, ids: list[int], adapter: str | int) -> np.ndarray:
     padded = max(16, 1 << (n - 1).bit_length())  # power-of-two lengths bound the compilations
     try:
         index = llm.adapter_index(adapter)
-    except ValueError as e:  # unloaded since the request named it (this runs later, on the engine thread)
-        raise APIError(404, str(e), param="model", code="model_not_found") from None
+    except ValueError as e:  # this runs later, on the engine thread
+        if isinstance(adapter, str) and adapter in llm.adapter_names:  # served, but every slot is in use
+            raise APIError(503, f"{e}; retry later", code="overloaded") from None
+        raise APIError(404, str(e), param="model", code="model_not_found") from None  # unloaded meanwhile
     logits = llm.logits([ids + [0] * (padded - n)], index)[0, : n - 1].astype(np.float64)
     m = logits.max(axis=-1, keepdims=True)
     return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))

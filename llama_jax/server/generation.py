@@ -85,10 +85,10 @@ class ServerContext:
             # unloaded meanwhile is a 404, and its slot is not refilled under these requests.
             with self.llm.adapter_lock:
                 try:
-                    index = self.llm.adapter_index(adapter)
+                    slot, waiting = self.llm.resolve_adapter(adapter)
                 except ValueError:
                     raise self._unknown_model(str(adapter)) from None
-                sub = self.worker.submit(jobs, asyncio.get_running_loop(), index)
+                sub = self.worker.submit(jobs, asyncio.get_running_loop(), slot, waiting)
         except QueueFull as e:
             raise APIError(503, f"the server is overloaded ({e}); retry later", code="overloaded") from None
         except ValueError as e:

@@ -90,8 +90,9 @@ class EngineWorker:
 
     # ---- called from the event loop ----
     def submit(self, jobs: Sequence[tuple[list[int], SamplingParams]], loop: asyncio.AbstractEventLoop,
-               adapter: int = 0) -> Submission:
-        """Queue one engine request per job (all with LoRA adapter `adapter`), all or none: raises
+               adapter: int = 0, waiting_adapter: Any = None) -> Submission:
+        """Queue one engine request per job (all with LoRA adapter slot `adapter`, or the adapter
+        `waiting_adapter` that waits for a slot: LLM.resolve_adapter), all or none: raises
         QueueFull (nothing queued) or ValueError (a prompt the scheduler refuses)."""
         queue: asyncio.Queue = asyncio.Queue()
         requests: list[Request] = []
@@ -104,7 +105,7 @@ class EngineWorker:
                     # Registered before it is queued: the engine thread may admit, finish and
                     # report it before add() returns.
                     req = Request(ids, sampling, on_event=self._on_event, id=f"req-{uuid.uuid4().hex}",
-                                  adapter=adapter)
+                                  adapter=adapter, lora=waiting_adapter)
                     self._live[req.id] = (req, _deliverer(loop, queue, index))
                     requests.append(req)
                     sched.add(req)
