@@ -65,6 +65,9 @@ class Event:
     stop_reason: str | int | None = None
 
 
+POLICIES = ("fcfs", "priority")  # the scheduling policies (vLLM's names)
+
+
 @dataclasses.dataclass
 class Request:
     prompt: list[int]
@@ -72,6 +75,7 @@ class Request:
     on_event: Callable[[Event], None] | None = None
     id: str = ""
     adapter: int = 0  # the LoRA adapter slot to run (lora.attach_many; 0: the base model)
+    priority: int = 0  # with the "priority" policy, lower values are admitted first (vLLM's)
     # An adapter in no slot yet (LLM.resolve_adapter): `Scheduler.place_adapter` writes it into
     # one (and sets `adapter`) before the request is admitted.
     lora: Any = None
@@ -140,9 +144,14 @@ class Scheduler:
     MIN_PREFIX_REUSE = 32
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, *, max_queue: int = 256, seed: int = 0,
-                 prefill_budget: int | None = None, prefix_reuse: bool = True):
+                 prefill_budget: int | None = None, prefix_reuse: bool = True, policy: str = "fcfs"):
         if prefill_budget is not None and prefill_budget < 1:
             raise ValueError(f"prefill_budget must be >= 1, got {prefill_budget}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        # "fcfs": requests are admitted in arrival order; "priority": by Request.priority, then
+        # arrival (no preemption: a request that runs keeps its slot).
+        self.policy = policy
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_queue = max_queue
@@ -192,11 +201,17 @@ class Scheduler:
         constraint = request.sampling.structured_output
         if constraint is not None and request.matcher is None:
             request.matcher = self.grammars.matcher(constraint)
+        if request.priority != 0 and self.policy != "priority":
+            raise ValueError(f"a request priority needs the 'priority' scheduling policy (this one is {self.policy!r})")
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} requests already")
             request.id = request.id or f"req-{next(self._ids)}"
-            self.waiting.append(request)
+            if self.policy == "priority":  # after every queued request of the same or an earlier priority
+                later = (i for i, r in enumerate(self.waiting) if r.priority > request.priority)
+                self.waiting.insert(next(later, len(self.waiting)), request)
+            else:
+                self.waiting.append(request)
         return request
 
     def cancel(self, request: Request) -> None:

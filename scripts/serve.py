@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-budget", type=int,
                    help="prompt tokens prefilled between two decode dispatches (default: 4 x the largest bucket)")
     p.add_argument("--attention", choices=["xla", "pallas"], default="xla")
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="admit queued requests in arrival order, or by their `priority` field (lower first; "
+                        "a running request keeps its slot)")
     p.add_argument("--no-prefix-reuse", "--no-enable-prefix-caching", action="store_true",
                    help="prefill every prompt whole, even when a free slot's cache holds its start")
     p.add_argument("--chat-template", help="a Jinja chat template (file or text) in place of the model's own")
@@ -235,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.prefill_budget is not None:
         llm.scheduler.prefill_budget = args.prefill_budget
     llm.scheduler.prefix_reuse = not args.no_prefix_reuse
+    llm.scheduler.policy = args.scheduling_policy
     leader = None
     if multi_host:
         import jax

@@ -757,11 +757,14 @@ def test_serve_script_takes_vllm_flags() -> None:
     for name in ("ckpt", "model_name", "mesh", "max_slots", "max_seq_len", "no_prefix_reuse", "dtype"):
         assert getattr(ours, name) == getattr(theirs, name), name
     assert serve.parse_args(["-tp", "8"]).mesh == "tp=8" and theirs.dtype is None
+    assert serve.parse_args(["--scheduling-policy", "priority"]).scheduling_policy == "priority"
+    assert ours.scheduling_policy == "fcfs"
     assert serve.parse_args(["--gpu-memory-utilization", "0.9"]).gpu_memory_utilization == 0.9
     assert serve.parse_args(["--default-chat-template-kwargs", '{"date_string": "1 May 2030"}']
                             ).default_chat_template_kwargs == {"date_string": "1 May 2030"}
     for bad in (["-tp", "8", "--mesh", "tp=8"], ["-tp", "0"], ["--gpu-memory-utilization", "1.5"],
                 ["--tool-call-parser", "hermes"], ["--default-chat-template-kwargs", "[1]"],
+                ["--scheduling-policy", "lifo"],
                 ["--default-chat-template-kwargs", "{bad"]):
         with pytest.raises(SystemExit):
             serve.parse_args(bad)

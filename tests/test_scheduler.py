@@ -236,3 +236,18 @@ def test_a_running_requests_prefix_is_copied_for_a_new_one(tiny):
     assert not a.done and b.slot != a.slot and b.cached_tokens == len(system)
     _run(sched, [])
     assert a.output == _alone(tiny, a_prompt) and b.output == _alone(tiny, b_prompt)
+
+
+def test_priority_policy_admits_lower_priorities_first(tiny):
+    """vLLM's priority scheduling: queued requests are admitted by priority (lower first), ties in
+    arrival order; the default policy refuses a priority."""
+    sched = _scheduler(tiny)
+    with pytest.raises(ValueError, match="'priority' scheduling policy"):
+        sched.add(Request(_prompt(5, 0), GREEDY, priority=1))
+    sched.policy = "priority"
+    reqs = [sched.add(Request(_prompt(5, i), GREEDY, priority=p)) for i, p in enumerate([3, 1, 2, 0, 1, -5])]
+    assert [r.priority for r in sched.waiting] == [-5, 0, 1, 1, 2, 3]
+    sched.step()  # four slots: the four first in priority order
+    assert {r.id for r in sched.running.values()} == {reqs[i].id for i in (5, 3, 1, 4)}
+    with pytest.raises(ValueError, match="policy must be one of"):
+        Scheduler(sched.engine, tiny[2], policy="lifo")

@@ -678,6 +678,23 @@ def test_truncate_prompt_tokens(scripted_url: str, scripted_llm: LLM) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text
 
 
+def test_request_priority(scripted_url: str, scripted_llm: LLM) -> None:
+    """vLLM's `priority`: a 400 unless the server schedules by priority (--scheduling-policy)."""
+    body = {"model": SCRIPTED, "prompt": "x", "max_tokens": 2, "priority": -3}
+    r = httpx.post(f"{scripted_url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority", r.text
+    scripted_llm.scheduler.policy = "priority"
+    try:
+        with script(scripted_llm, "ok"):
+            r = httpx.post(f"{scripted_url}/v1/completions", json=body, timeout=30)
+            chat = httpx.post(f"{scripted_url}/v1/chat/completions", timeout=30,
+                              json={"model": SCRIPTED, "messages": USER, "priority": 2})
+    finally:
+        scripted_llm.scheduler.policy = "fcfs"
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ok"
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == "ok"
+
+
 def test_return_token_ids(scripted_url: str, scripted_llm: LLM) -> None:
     """vLLM's return_token_ids: the prompt's and each choice's token ids, whole or streamed."""
     tok = scripted_llm.tokenizer

@@ -157,7 +157,7 @@ async def start_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatJob
                                 logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
                                 structured_output=await ctx.constraint(body, tool_call_constraint(body, tools)),
                                 parse_tools=bool(parsed))
-    return ChatJob(ids, parsed, ctx.submit([(ids, sp) for sp in samplings], adapter), adapter)
+    return ChatJob(ids, parsed, ctx.submit([(ids, sp) for sp in samplings], adapter, body.priority), adapter)
 
 
 async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest, request: HTTPRequest) -> Response:

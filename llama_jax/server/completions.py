@@ -158,7 +158,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     if body.prompt_logprobs is not None:
         for j, ids in enumerate(encoded):
             vllm_lps[j] = await vllm_prompt_logprobs(ctx, ids, body.prompt_logprobs, adapter)
-    sub = ctx.submit(jobs, adapter)
+    sub = ctx.submit(jobs, adapter, body.priority)
     n = body.n
     total = len(jobs)
     legacy = [_Legacy(ctx) for _ in range(total)]

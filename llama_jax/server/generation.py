@@ -75,8 +75,11 @@ class ServerContext:
         return APIError(404, f"The model {name!r} does not exist; this server serves {served}",
                         param="model", code="model_not_found")
 
-    def submit(self, jobs: Sequence[tuple[list[int], SamplingParams]], adapter: str | int = 0) -> Submission:
+    def submit(self, jobs: Sequence[tuple[list[int], SamplingParams]], adapter: str | int = 0,
+               priority: int = 0) -> Submission:
         limit = self.worker.scheduler.max_queue
+        if priority and self.worker.scheduler.policy != "priority":
+            raise bad_request("priority scheduling is not enabled (serve.py --scheduling-policy priority)", "priority")
         if len(jobs) > limit:  # could never be queued, however idle the server
             raise bad_request(f"the request asks for {len(jobs)} sequences (prompts x n); "
                               f"this server queues at most {limit}", "n")
@@ -88,7 +91,7 @@ class ServerContext:
                     slot, waiting = self.llm.resolve_adapter(adapter)
                 except ValueError:
                     raise self._unknown_model(str(adapter)) from None
-                sub = self.worker.submit(jobs, asyncio.get_running_loop(), slot, waiting)
+                sub = self.worker.submit(jobs, asyncio.get_running_loop(), slot, waiting, priority)
         except QueueFull as e:
             raise APIError(503, f"the server is overloaded ({e}); retry later", code="overloaded") from None
         except ValueError as e:

@@ -272,6 +272,8 @@ class _SamplingFields(_Input):
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True  # special tokens' text left out of the output text
+    # vLLM's: with serve.py --scheduling-policy priority, lower values are admitted first.
+    priority: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] = 0
     # vLLM's: only the prompt's last k tokens are kept (-1: as many as the context holds).
     truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
     # vLLM's, for its slow (Python) tokenizers; its fast ones, as ours, add no spaces: accepted, no effect.

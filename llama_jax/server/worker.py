@@ -90,7 +90,7 @@ class EngineWorker:
 
     # ---- called from the event loop ----
     def submit(self, jobs: Sequence[tuple[list[int], SamplingParams]], loop: asyncio.AbstractEventLoop,
-               adapter: int = 0, waiting_adapter: Any = None) -> Submission:
+               adapter: int = 0, waiting_adapter: Any = None, priority: int = 0) -> Submission:
         """Queue one engine request per job (all with LoRA adapter slot `adapter`, or the adapter
         `waiting_adapter` that waits for a slot: LLM.resolve_adapter), all or none: raises
         QueueFull (nothing queued) or ValueError (a prompt the scheduler refuses)."""
@@ -105,7 +105,7 @@ class EngineWorker:
                     # Registered before it is queued: the engine thread may admit, finish and
                     # report it before add() returns.
                     req = Request(ids, sampling, on_event=self._on_event, id=f"req-{uuid.uuid4().hex}",
-                                  adapter=adapter, lora=waiting_adapter)
+                                  adapter=adapter, lora=waiting_adapter, priority=priority)
                     self._live[req.id] = (req, _deliverer(loop, queue, index))
                     requests.append(req)
                     sched.add(req)
