@@ -355,6 +355,9 @@ def attach_many(params: Params, directories: Sequence[str | os.PathLike], config
     else:
         names = sorted({name for adapters, _ in loaded for name in adapters}, key=list(layers[0]).index)
     shapes = param_shapes(config)["layers"]
+    # A and B in the activations' dtype (the embedding's), which `dense` computes in anyway: half
+    # the bytes read per decode step in bfloat16 (vLLM keeps LoRA weights in the model's dtype too).
+    dtype = getattr(params["embed"], "dtype", jnp.float32)
     scale = jnp.zeros((slots + 1,), jnp.float32)
     rows = jnp.zeros((1,), jnp.int32)
 
@@ -362,7 +365,7 @@ def attach_many(params: Params, directories: Sequence[str | os.PathLike], config
         n_in = next(n for w, n in TARGETS.values() if w == name)
         dims = shapes[name][1:]
         shape = (*dims[:n_in], max_rank) if key == "a" else (max_rank, *dims[n_in:])
-        return jnp.zeros((slots + 1, *shape), jnp.float32)
+        return jnp.zeros((slots + 1, *shape), dtype)
 
     # Committed, as `put` leaves them: committed and uncommitted arguments compile different programs.
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -577,6 +577,13 @@ def test_spare_slots_take_adapters_later(two_adapters) -> None:
         lora.put(exact, 1, *loaded[0])
     with pytest.raises(lora.AdapterError, match="2 adapters for 1 slots"):
         lora.attach_many(_per_layer(base), dirs, TINY, slots=1)
+    # A bfloat16 model's slots are bfloat16 too (half the bytes), and give the merged weights' logits.
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), base)
+    slotted = lora.attach_many(_per_layer(half), dirs[:1], TINY, slots=2, max_rank=4)
+    assert slotted["layers"][0]["wq"].a.dtype == jnp.bfloat16
+    got = _logits(lora.route(slotted, np.array([1])), TINY, tokens[:1]).astype(jnp.float32)
+    want = _logits(lora.merge(half, *loaded[0]), TINY, tokens[:1]).astype(jnp.float32)
+    assert float(jnp.abs(got - want).max()) < 0.05 * float(jnp.abs(want).max())
 
 
 SLOTTED = dict(dtype="float32", max_seq_len=64, max_slots=2, progress=False)  # the loads of the tests below
