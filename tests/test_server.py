@@ -597,7 +597,12 @@ def test_stop_strings(scripted: openai.OpenAI, scripted_llm: LLM) -> None:
         r = scripted.chat.completions.create(model=SCRIPTED, messages=USER, stop="STOP")
         s = accumulate(scripted.chat.completions.create(model=SCRIPTED, messages=USER, stop=["STOP"], stream=True))
         c = scripted.completions.create(model=SCRIPTED, prompt="x", stop=["and"])
+        many = scripted.completions.create(model=SCRIPTED, prompt="x", stop=["q1", "q2", "q3", "q4", "q5", "STOP"])
+        too_many = httpx.post(f"{scripted.base_url}completions", timeout=30,
+                              json={"model": SCRIPTED, "prompt": "x", "stop": [f"s{i}" for i in range(65)]})
     assert r.choices[0].message.content == "Hello world. " and r.choices[0].finish_reason == "stop"
+    assert many.choices[0].text == "Hello world. " and many.choices[0].stop_reason == "STOP"  # vLLM: any number
+    assert too_many.status_code == 400 and "at most 64 stop sequences" in too_many.text
     assert s["content"] == "Hello world. " and s["finish"] == "stop"
     assert c.choices[0].text == "Hello world. STOP " and c.choices[0].finish_reason == "stop"
     # vLLM's stop_reason: the stop string, or the stop_token_ids entry, that ended the choice.

@@ -32,7 +32,8 @@ from pydantic import (
 from ..sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from ..structured import StructuredOutput
 
-MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+# OpenAI allows 4; vLLM sets no limit, and evaluation harnesses (lm-eval's `until`) send more.
+MAX_STOP_SEQUENCES = 64
 MAX_N = 128  # OpenAI's limit on choices per request
 MAX_LEGACY_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
