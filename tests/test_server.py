@@ -925,7 +925,7 @@ def _chat(**kw: Any) -> dict[str, Any]:
     (_chat(temperature=3), "temperature"),
     (_chat(top_logprobs=3), "top_logprobs"),
     (_chat(n=0), "n"),
-    (_chat(stop=["a", "b", "c", "d", "e"]), "stop"),
+    (_chat(stop=[f"s{i}" for i in range(65)]), "stop"),
     (_chat(bogus_field=1), "bogus_field"),
     (_chat(stream_options={"include_usage": True}), "stream_options"),
     (_chat(logit_bias={"50": 101}), "logit_bias"),
