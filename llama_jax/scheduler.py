@@ -185,6 +185,8 @@ class Scheduler:
     def add(self, request: Request) -> Request:
         n = len(request.prompt)
         limit = self.engine.max_seq_len
+        if request.priority != 0 and self.policy != "priority":
+            raise ValueError(f"a request priority needs the 'priority' scheduling policy (this one is {self.policy!r})")
         if n == 0:
             raise ValueError("the prompt is empty")
         if n >= limit:
@@ -201,8 +203,6 @@ class Scheduler:
         constraint = request.sampling.structured_output
         if constraint is not None and request.matcher is None:
             request.matcher = self.grammars.matcher(constraint)
-        if request.priority != 0 and self.policy != "priority":
-            raise ValueError(f"a request priority needs the 'priority' scheduling policy (this one is {self.policy!r})")
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} requests already")
