@@ -142,6 +142,7 @@ class Engine:
         verify_sh: dict[str, Any] = {}
         release_sh: dict[str, Any] = {}
         constrain_sh: dict[str, Any] = {}
+        resume_sh: dict[str, Any] = {}
         copy_sh: dict[str, Any] = {}
         if shardings is None:
             # Committed to the device like every step's outputs: the first call then compiles the
@@ -171,6 +172,7 @@ class Engine:
                              out_shardings=state_sh + (rep, rep))
             release_sh = dict(in_shardings=(rows, sampler_sh, rep), out_shardings=(rows, sampler_sh))
             constrain_sh = dict(in_shardings=(sampler_sh, rep, rep), out_shardings=sampler_sh)
+            resume_sh = dict(in_shardings=(sampler_sh, rows) + (rep,) * 5, out_shardings=(sampler_sh, rows))
             copy_sh = dict(in_shardings=(cache_sh, rep, rep, rep), out_shardings=cache_sh)
         self._all_rows = shardings is not None and shardings.dp > 1  # see decode_rows
         # Copying cache rows between slots indexes the slot axis: not with slots split over devices.
@@ -206,6 +208,7 @@ class Engine:
         self.drafted = self.accepted = 0  # draft tokens verified, and those kept (speculation)
         self._release = jax.jit(self._park_fn, donate_argnums=(0, 1), **release_sh)
         self._constrain = jax.jit(constrain_rows, donate_argnums=(0,), **constrain_sh)
+        self._resume = jax.jit(_resume_row, donate_argnums=(0, 1), **resume_sh)
         self._copy = jax.jit(_copy_rows, static_argnums=(4,), donate_argnums=(0,), **copy_sh)
 
     # ---- jitted bodies ----
@@ -462,6 +465,30 @@ class Engine:
         words[: len(slots)] = masks
         self.sampler = self._constrain(self.sampler, jnp.asarray(rows), jnp.asarray(words))
 
+    def resume(self, slot: int, prompt: Sequence[int], output: Sequence[int], min_tokens: int = 0) -> None:
+        """Continue, in live `slot`, a request that was stopped (preempted) after generating
+        `output` from `prompt`: the slot has just been prefilled with prompt + output[:-1], and the
+        token that prefill sampled is dropped. output[-1] becomes the next decode input, and the
+        sampler counts `output` as generated (penalties; stop tokens banned until `min_tokens`), so
+        the request goes on as it would have, seeded sampling included (its stream follows positions)."""
+        if not output:
+            raise ValueError("resume needs the request's output so far (at least one token)")
+        n = len(prompt) + len(output) - 1
+        if self.slot_pos[slot] != n:
+            raise ValueError(f"slot {slot} does not hold a prefilled prompt of {n} tokens (prompt + output[:-1])")
+        vocab = self.config.vocab_size
+        check = np.asarray(output, np.int64)
+        if not (0 <= check.min() and check.max() < vocab):
+            raise ValueError(f"output token ids outside the vocabulary [0, {vocab})")
+        counts = np.bincount(check, minlength=vocab).astype(np.int32)
+        seen = counts > 0
+        seen[np.asarray(prompt, np.int64)] = True
+        self.sampler, self.tokens = self._resume(
+            self.sampler, self.tokens, jnp.int32(slot), jnp.asarray(counts), jnp.asarray(seen),
+            jnp.int32(min_tokens - len(output)), jnp.int32(output[-1]),
+        )
+        self._last[slot] = output[-1]
+
     def decode_rows(self) -> int:
         """Rows the next decode computes: slots [0, rows) cover every live slot. A power of two
         (at most max_slots), so a few programs serve any occupancy; all slots with dp sharding,
@@ -606,6 +633,15 @@ class Engine:
         self.slot_pos[slot] = None
         self.filling.pop(slot, None)
         self.positions, self.sampler = self._release(self.positions, self.sampler, jnp.int32(slot))
+
+
+def _resume_row(sampler: SamplerState, tokens: jax.Array, slot: jax.Array, counts: jax.Array, seen: jax.Array,
+                min_left: jax.Array, last: jax.Array) -> tuple[SamplerState, jax.Array]:
+    """Engine.resume's device half: row `slot`'s output statistics and next decode input."""
+    return dataclasses.replace(
+        sampler, output_counts=sampler.output_counts.at[slot].set(counts), seen=sampler.seen.at[slot].set(seen),
+        min_left=sampler.min_left.at[slot].set(min_left),
+    ), tokens.at[slot].set(last)
 
 
 def _copy_rows(cache: KVCache, src: jax.Array, dst: jax.Array, n: jax.Array, width: int) -> KVCache:

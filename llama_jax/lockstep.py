@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # Calls that run programs over the devices (state-changing engine calls; the full-sequence
 # logits of a prompt, which /v1/completions uses for echo with logprobs).
 ENGINE_CALLS = ("prefill", "prefill_many", "prefill_next", "copy_prefix", "constrain", "decode", "verify", "release",
-                "reset")
+                "resume", "reset")
 LLM_CALLS = ("logits",)
 MIRRORED = tuple(f"engine.{n}" for n in ENGINE_CALLS) + tuple(f"llm.{n}" for n in LLM_CALLS)
 _KEY_BYTES = 32

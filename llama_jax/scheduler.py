@@ -90,6 +90,8 @@ class Request:
     stop_ids: frozenset[int] = frozenset()  # tokens that end it: set at admission
     matcher: Matcher | None = None  # its place in sampling.structured_output's grammar
     cached_tokens: int = 0  # prompt tokens found in its slot's cache, not prefilled again
+    seed: int = 0  # its sampling's seed (its own or a random one), set at admission
+    preemptions: int = 0  # times it gave its slot to a request of a higher priority
 
 
 class _StopText:
@@ -150,8 +152,10 @@ class Scheduler:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         # "fcfs": requests are admitted in arrival order; "priority": by Request.priority, then
-        # arrival (no preemption: a request that runs keeps its slot).
+        # arrival, and a queued request that finds no free slot preempts the running request
+        # that comes last in that order, if it comes after it (see _preempt_for).
         self.policy = policy
+        self.preemptions = 0  # running requests sent back to the queue
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_queue = max_queue
@@ -207,12 +211,18 @@ class Scheduler:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} requests already")
             request.id = request.id or f"req-{next(self._ids)}"
-            if self.policy == "priority":  # after every queued request of the same or an earlier priority
-                later = (i for i, r in enumerate(self.waiting) if r.priority > request.priority)
-                self.waiting.insert(next(later, len(self.waiting)), request)
+            if self.policy == "priority":
+                self._queue_in_order(request)
             else:
                 self.waiting.append(request)
         return request
+
+    def _queue_in_order(self, request: Request) -> None:
+        """Queue `request` after every queued request of the same or an earlier priority that
+        arrived before it (holding the lock)."""
+        key = (request.priority, request.arrival)
+        later = (i for i, r in enumerate(self.waiting) if (r.priority, r.arrival) > key)
+        self.waiting.insert(next(later, len(self.waiting)), request)
 
     def cancel(self, request: Request) -> None:
         request.cancelled = True
@@ -242,6 +252,8 @@ class Scheduler:
             raise
 
     def _drop_admitted(self) -> None:
+        with self._lock:  # preempted requests wait in the queue, admitted already
+            self.waiting = collections.deque(r for r in self.waiting if r.id not in self._by_id)
         for req in self._by_id.values():
             req.done, req.slot = True, None
         self._by_id.clear()
@@ -339,35 +351,53 @@ class Scheduler:
         spent = sum(min(chunk, len(job.prompt) - self.engine.filling[job.slot]) for _, job in work)
         free = self.engine.free_slots()
         taken: list[Request] = []
+        preempted: list[int] = []
         with self._lock:
             unplaced: list[Request] = []  # their adapter waits for a slot: they keep their place
-            while self.waiting and len(taken) < len(free) and (spent < self.prefill_budget or not (work or taken)):
-                req = self.waiting.popleft()
+            while self.waiting and (spent < self.prefill_budget or not (work or taken)):
+                req = self.waiting[0]
                 if req.lora is not None:
-                    unplaced.append(req)
+                    unplaced.append(self.waiting.popleft())
                     continue
-                taken.append(req)
-                spent += min(chunk, len(req.prompt))
+                if len(taken) == len(free):
+                    slot = self._preempt_for(req)
+                    if slot is None:
+                        break
+                    free.append(slot)
+                    preempted.append(slot)
+                taken.append(self.waiting.popleft())
+                spent += min(chunk, len(req.prompt) + len(req.output))
             self.waiting.extendleft(reversed(unplaced))
-        for req, seed in zip(taken, seeds_for([r.sampling for r in taken], self._rng)):
-            self._by_id[req.id] = req
-            self._text[req.id] = (IncrementalDecoder(self.tokenizer, skip_special=req.sampling.skip_special_tokens),
-                                  _StopText(req.sampling.stop, req.sampling.include_stop_str_in_output))
-            sp = req.sampling
-            req.stop_ids = frozenset() if sp.ignore_eos else self.stop_ids | set(sp.stop_token_ids)
-            if req.sampling.max_tokens == 0:
-                done: list[Event] = []
-                self._finish(req, "length", done, [], "", None)
-                self._dispatch(done)
-                events.extend(done)
-                continue
-            req.slot, req.cached_tokens, source = self._pick_slot(free, req.prompt, req.adapter)
+        for slot in preempted:
+            self.engine.release(slot)
+        for req in taken:
+            # A request preempted earlier comes back with its output, which is prefilled after its
+            # prompt but for the last token: the engine feeds that to the next decode (Engine.resume).
+            resumed = bool(req.output)
+            if not resumed:
+                self._by_id[req.id] = req
+                self._text[req.id] = (
+                    IncrementalDecoder(self.tokenizer, skip_special=req.sampling.skip_special_tokens),
+                    _StopText(req.sampling.stop, req.sampling.include_stop_str_in_output))
+                sp = req.sampling
+                req.stop_ids = frozenset() if sp.ignore_eos else self.stop_ids | set(sp.stop_token_ids)
+                req.seed = seeds_for([sp], self._rng)[0]
+                if sp.max_tokens == 0:
+                    done: list[Event] = []
+                    self._finish(req, "length", done, [], "", None)
+                    self._dispatch(done)
+                    events.extend(done)
+                    continue
+            tokens = req.prompt + req.output[:-1]
+            req.slot, cached, source = self._pick_slot(free, tokens, req.adapter)
+            if not resumed:
+                req.cached_tokens = cached
             if source is not None:  # before this call's prefill overwrites the source's rows
-                self.engine.copy_prefix(source, req.slot, req.cached_tokens)
+                self.engine.copy_prefix(source, req.slot, cached)
             free.remove(req.slot)
-            first = req.matcher.mask() if req.matcher is not None else None
-            work.append((req, PrefillJob(req.slot, req.prompt, req.sampling, seed, self._stops_before_min(req), first,
-                                         req.cached_tokens, req.adapter)))
+            first = req.matcher.mask() if req.matcher is not None and not resumed else None
+            work.append((req, PrefillJob(req.slot, tokens, req.sampling, req.seed, self._stops_before_min(req), first,
+                                         cached, req.adapter)))
         if not work:
             return False
         outs = self.engine.prefill_next([job for _, job in work])
@@ -377,10 +407,33 @@ class Scheduler:
                 continue
             self.filling.pop(job.slot, None)
             self.running[job.slot] = req
+            if req.output:  # resumed: the token the prefill sampled is dropped
+                self.engine.resume(job.slot, req.prompt, req.output, req.sampling.min_tokens)
+                continue
             first = self._consume(req, out, 0)
             self._dispatch(first)
             events.extend(first)
         return not chunked and all(out is not None for out in outs)
+
+    def _preempt_for(self, req: Request) -> int | None:
+        """With the priority policy, the slot of the running request that comes last in priority
+        order (highest value, then latest arrival) if it comes after `req`, which takes it; the
+        request goes back to the queue with its output so far and, readmitted, is prefilled
+        again (prompt and output: recomputed, as vLLM does) and goes on where it stopped. None
+        otherwise. Requests still prefilling keep their slots. Holding the lock; the caller
+        releases the slot on the engine."""
+        if self.policy != "priority" or not self.running:
+            return None
+        slot, last = max(self.running.items(), key=lambda item: (item[1].priority, item[1].arrival))
+        if last.priority <= req.priority:
+            return None
+        del self.running[slot]
+        self._released[slot] = next(self._ticks)
+        last.slot = None
+        last.preemptions += 1
+        self.preemptions += 1
+        self._queue_in_order(last)
+        return slot
 
     def _pick_slot(self, free: list[int], prompt: list[int], adapter: int) -> tuple[int, int, int | None]:
         """(slot, prompt tokens its cache will hold, the busy slot to copy them from or None) for a

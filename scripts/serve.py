@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", choices=["xla", "pallas"], default="xla")
     p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
                    help="admit queued requests in arrival order, or by their `priority` field (lower first; "
-                        "a running request keeps its slot)")
+                        "one that finds no free slot preempts a running request of a higher value)")
     p.add_argument("--no-prefix-reuse", "--no-enable-prefix-caching", action="store_true",
                    help="prefill every prompt whole, even when a free slot's cache holds its start")
     p.add_argument("--chat-template", help="a Jinja chat template (file or text) in place of the model's own")

@@ -1,5 +1,5 @@
 """The scheduler on a tiny random model: long prompts prefilled a chunk per step between decode
-dispatches, the prefill token budget, cancelling a prompt half prefilled."""
+dispatches, the prefill token budget, cancelling a prompt half prefilled, priority scheduling and preemption."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +11,7 @@ from llama_jax.engine import Engine, PrefillJob
 from llama_jax.model import Llama
 from llama_jax.sampling import SamplingParams
 from llama_jax.scheduler import Request, Scheduler
+from llama_jax.server.metrics import ServerMetrics
 from llama_jax.tokenizer import llama3_tokenizer
 
 GREEDY = SamplingParams.greedy(max_tokens=24)
@@ -251,3 +252,67 @@ def test_priority_policy_admits_lower_priorities_first(tiny):
     assert {r.id for r in sched.running.values()} == {reqs[i].id for i in (5, 3, 1, 4)}
     with pytest.raises(ValueError, match="policy must be one of"):
         Scheduler(sched.engine, tiny[2], policy="lifo")
+
+
+def test_a_higher_priority_preempts_the_last_running_request(tiny):
+    """With the priority policy, a request that finds every slot taken preempts the running
+    request of the lowest priority (latest arrival on ties); that one is prefilled again later
+    (prompt and output) and goes on exactly where it stopped: greedy, seeded sampling with
+    penalties, min_tokens and a stop token all give what each gives alone."""
+    stop = 7  # favoured by its bias, banned until min_tokens: the answer is exactly 10 tokens
+    low = [
+        GREEDY,
+        SamplingParams(max_tokens=24, temperature=1.0, top_p=1.0, seed=7, presence_penalty=1.5,
+                       frequency_penalty=1.0, repetition_penalty=1.3, logprobs=True, top_logprobs=2),
+        SamplingParams.greedy(max_tokens=24, stop_token_ids=(stop,), logit_bias={stop: 100.0}, min_tokens=10),
+    ]
+    sched = _scheduler(tiny)
+    sched.policy = "priority"
+    streamed: dict[str, list] = {}
+    keep = lambda e: streamed.setdefault(e.request_id, []).append(e)  # noqa: E731
+    first = sched.add(Request(_prompt(9, 70), GREEDY, on_event=keep, priority=5))
+    victims = [sched.add(Request(_prompt(9, 71 + i), sp, on_event=keep, priority=5)) for i, sp in enumerate(low)]
+    sched.step()
+    sched.step()
+    assert all(0 < len(r.output) < 10 for r in victims)
+    urgent = [sched.add(Request(_prompt(6, 80 + i), GREEDY, priority=-1)) for i in range(3)]
+    sched.step()  # the three latest of priority 5 give their slots; the first keeps its own
+    assert {r.id for r in sched.running.values()} == {first.id, *(r.id for r in urgent)}
+    assert [r.preemptions for r in victims] == [1, 1, 1] and sched.preemptions == 3
+    assert b"llama_jax_num_preemptions_total 3.0" in ServerMetrics(sched, 4).render()
+    assert [r.id for r in sched.waiting] == [r.id for r in victims]  # in arrival order
+    assert sched.add(Request(_prompt(6, 90), GREEDY, priority=5)) is sched.waiting[-1]  # after them
+    while sched.has_work():
+        sched.step()
+    alone = _scheduler(tiny)
+    for req, sp in zip([first, *victims], [GREEDY, *low]):
+        ref = alone.add(Request(req.prompt, sp))
+        while alone.has_work():
+            alone.step()
+        assert req.output == ref.output, sp
+        events = streamed[req.id]
+        assert sum((e.token_ids for e in events), []) == req.output  # each token handed out once
+        assert events[-1].finish_reason == "stop" if sp.min_tokens else "length"
+    assert len(victims[2].output) == 10 and victims[2].stop_reason == stop
+    lps = [lp for e in streamed[victims[1].id] for lp in e.logprobs]
+    assert [lp.token_id for lp in lps] == victims[1].output
+
+
+def test_a_preempted_request_can_be_cancelled_in_the_queue(tiny):
+    sched = _scheduler(tiny)
+    sched.policy = "priority"
+    events = []
+    low = [sched.add(Request(_prompt(5, i), GREEDY, priority=1, on_event=events.append)) for i in range(4)]
+    sched.step()
+    sched.step()
+    sched.add(Request(_prompt(5, 9), GREEDY))
+    sched.step()
+    assert low[3] in sched.waiting and low[3].output
+    sched.cancel(low[3])
+    sched.step()
+    assert low[3].done and low[3] not in sched.waiting
+    assert [e.finish_reason for e in events if e.request_id == low[3].id][-1] == "cancelled"
+    sched.policy = "fcfs"  # never preempts
+    late = sched.add(Request(_prompt(5, 10), GREEDY))
+    sched.step()
+    assert sched.preemptions == 1 and late in sched.waiting

@@ -1078,7 +1078,7 @@ def test_metrics(url: str) -> None:
     text = httpx.get(f"{url}/metrics").text
     for name in ("llama_jax_prompt_tokens_total", "llama_jax_generation_tokens_total", "llama_jax_queue_depth",
                  "llama_jax_batch_occupancy", "llama_jax_time_to_first_token_seconds_bucket",
-                 "llama_jax_inter_token_latency_seconds_bucket"):
+                 "llama_jax_inter_token_latency_seconds_bucket", "llama_jax_num_preemptions_total"):
         assert name in text
     assert 'llama_jax_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert 'status="400"' in text and "llama_jax_batch_occupancy 0.0" in text

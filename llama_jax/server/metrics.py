@@ -40,6 +40,7 @@ class ServerMetrics:
         self.itl = Histogram(f"{prefix}_inter_token_latency_seconds",
                              "Time per generated token after the first, as delivered", buckets=_LATENCY_BUCKETS,
                              registry=r)
+        r.register(_SchedulerCounters(scheduler, prefix))
         self._last: dict[str, float] = {}  # request id -> time of its previous event (engine thread only)
         if scheduler.engine.speculation is not None:
             r.register(_SpeculationCounters(scheduler.engine, prefix))
@@ -65,6 +66,18 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SchedulerCounters:
+    """The scheduler's own counts, read when scraped."""
+
+    def __init__(self, scheduler: Scheduler, prefix: str):
+        self.scheduler, self.prefix = scheduler, prefix
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(f"{self.prefix}_num_preemptions",
+                                  "Running requests sent back to the queue for one of a higher priority",
+                                  value=self.scheduler.preemptions)
 
 
 class _SpeculationCounters:
