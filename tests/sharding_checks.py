@@ -67,7 +67,8 @@ def allowed_mask(config: LlamaConfig) -> np.ndarray:
 def greedy(engine: Engine, config: LlamaConfig) -> list[list[int]]:
     """First tokens from prefill, then DECODES decode calls, slots 0 and 2 constrained to
     allowed_mask (structured output's path), then (with speculation, as make_engine's) a
-    verify of a draft for slot 1; tokens per busy slot; then slot 3's first token."""
+    verify of a draft for slot 1, slot 2 preempted and resumed, one more decode; tokens per busy
+    slot; then slot 3's first token."""
     out = [[int(engine.prefill(s, p, SamplingParams.greedy(), 0).tokens[0, 0])] for s, p in enumerate(prompts(config))]
     engine.constrain([0, 2], np.stack([allowed_mask(config)] * 2))
     for _ in range(DECODES):
@@ -80,6 +81,15 @@ def greedy(engine: Engine, config: LlamaConfig) -> list[list[int]]:
             out[s] += step.tokens[: step.counts[s], s].tolist()
     keep = np.unpackbits(allowed_mask(config).view(np.uint8), bitorder="little").astype(bool)
     assert all(keep[t] for s in (0, 2) for t in out[s][1:]), "a constrained slot sampled a banned token"
+    # Slot 2 preempted and resumed (priority scheduling's path): its prompt and output but the
+    # last prefilled again, the output restored to its sampler row, one more decode for all.
+    prompt = prompts(config)[2]
+    engine.release(2)
+    engine.prefill_many([PrefillJob(2, prompt + out[2][:-1], SamplingParams.greedy(), 0)])
+    engine.resume(2, prompt, out[2])
+    step = engine.decode().tokens
+    for s in range(len(out)):
+        out[s] += step[:, s].tolist()
     # Slot 3 takes the start of slot 1's prompt copied from its rows (prefix reuse), where slots
     # are not split over dp; elsewhere it prefills the whole prompt. Either way: the same token.
     fork, shared = prompts(config)[1][:8] + [1, 2], 8 if engine.can_copy_prefix else 0
