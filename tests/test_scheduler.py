@@ -292,7 +292,7 @@ def test_a_higher_priority_preempts_the_last_running_request(tiny):
         assert req.output == ref.output, sp
         events = streamed[req.id]
         assert sum((e.token_ids for e in events), []) == req.output  # each token handed out once
-        assert events[-1].finish_reason == "stop" if sp.min_tokens else "length"
+        assert events[-1].finish_reason == ("stop" if sp.min_tokens else "length")
     assert len(victims[2].output) == 10 and victims[2].stop_reason == stop
     lps = [lp for e in streamed[victims[1].id] for lp in e.logprobs]
     assert [lp.token_id for lp in lps] == victims[1].output
