@@ -4,7 +4,7 @@ by the HTTP middleware and by the engine thread as events come out."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -40,10 +40,16 @@ class ServerMetrics:
         self.itl = Histogram(f"{prefix}_inter_token_latency_seconds",
                              "Time per generated token after the first, as delivered", buckets=_LATENCY_BUCKETS,
                              registry=r)
-        r.register(_SchedulerCounters(scheduler, prefix))
+        # Counts the scheduler and engine keep themselves, read when scraped.
+        counters = [(f"{prefix}_num_preemptions", "Running requests given back to the queue for higher priorities",
+                     lambda: scheduler.preemptions)]
+        engine = scheduler.engine
+        if engine.speculation is not None:
+            counters += [(f"{prefix}_spec_decode_draft_tokens", "Draft tokens verified", lambda: engine.drafted),
+                         (f"{prefix}_spec_decode_accepted_tokens", "Draft tokens accepted (equal to the sampled token)",
+                          lambda: engine.accepted)]
+        r.register(_ReadCounters(counters))
         self._last: dict[str, float] = {}  # request id -> time of its previous event (engine thread only)
-        if scheduler.engine.speculation is not None:
-            r.register(_SpeculationCounters(scheduler.engine, prefix))
 
     def observe(self, req: Request, event: Event) -> None:
         """Called on the engine thread for every event of every request."""
@@ -68,26 +74,12 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-class _SchedulerCounters:
-    """The scheduler's own counts, read when scraped."""
+class _ReadCounters:
+    """Counters whose values are read from a function each when scraped: (name, help, read)."""
 
-    def __init__(self, scheduler: Scheduler, prefix: str):
-        self.scheduler, self.prefix = scheduler, prefix
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(f"{self.prefix}_num_preemptions",
-                                  "Running requests sent back to the queue for one of a higher priority",
-                                  value=self.scheduler.preemptions)
-
-
-class _SpeculationCounters:
-    """The engine's speculative-decoding counts, read when scraped."""
-
-    def __init__(self, engine: Any, prefix: str):
-        self.engine, self.prefix = engine, prefix
+    def __init__(self, counters: list[tuple[str, str, Callable[[], float]]]):
+        self.counters = counters
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(f"{self.prefix}_spec_decode_draft_tokens", "Draft tokens verified",
-                                  value=self.engine.drafted)
-        yield CounterMetricFamily(f"{self.prefix}_spec_decode_accepted_tokens",
-                                  "Draft tokens accepted (equal to the sampled token)", value=self.engine.accepted)
+        for name, text, read in self.counters:
+            yield CounterMetricFamily(name, text, value=read())
